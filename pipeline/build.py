@@ -1,0 +1,71 @@
+"""``funnel build``: make every artifact a pipeline needs, in stage order, cached by content.
+
+A stage that needs artifacts (an index, a trained model, a catalog snapshot) implements
+``build(upstream, ctx) -> str``: ``upstream`` is the :class:`Pipeline` of the stages before it
+(already built, so a ranker can run recall to collect its training candidates), ``ctx`` a
+:class:`BuildContext`. It returns one line saying what it did. Builds are skipped when the
+artifact's manifest records the same ``build_key`` — a hash of the stage's parameters and the
+contents of its inputs — unless ``ctx.force``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import PipelineConfig
+from .stage import Pipeline, Stage
+
+__all__ = ["BuildContext", "build_artifacts", "find_upstream", "upstream_key"]
+
+
+@dataclass
+class BuildContext:
+    config: PipelineConfig
+    force: bool = False
+    progress: bool = True
+    log: Callable[[str], None] = field(default=print)
+
+    def data_path(self, key: str) -> Path:
+        return self.config.data_path(key)
+
+
+def find_upstream(upstream: Pipeline | None, predicate: Callable[[Stage], bool]) -> Stage | None:
+    """The nearest stage before this one for which ``predicate`` holds."""
+    if upstream is None:
+        return None
+    for stage in reversed(upstream.stages):
+        if predicate(stage):
+            return stage
+    return None
+
+
+def build_artifacts(cfg: PipelineConfig, *, force: bool = False, progress: bool = True,
+                    log: Callable[[str], None] = print, only: Callable[[Stage], bool] | None = None) -> Pipeline:
+    """Build the artifacts of every stage of ``cfg`` that has a ``build`` method; return the pipeline."""
+    pipe = cfg.build()
+    ctx = BuildContext(cfg, force=force, progress=progress, log=log)
+    for i, stage in enumerate(pipe.stages):
+        if not hasattr(stage, "build") or (only is not None and not only(stage)):
+            continue
+        upstream = Pipeline(pipe.stages[:i], inputs=pipe.inputs) if i else None
+        log(stage.build(upstream, ctx))
+    return pipe
+
+
+def upstream_key(upstream: Pipeline | None) -> list:
+    """What a downstream artifact depends on: each upstream stage's spec and artifact build key."""
+    from .artifacts import MANIFEST
+    from .config import stage_to_spec
+
+    parts = []
+    for stage in upstream.stages if upstream is not None else ():
+        keys = {}
+        for param in stage.path_params:
+            manifest = stage.resolve_path(getattr(stage, param)) / MANIFEST
+            if manifest.exists():
+                keys[param] = json.loads(manifest.read_text()).get("build_key")
+        parts.append({"spec": stage_to_spec(stage), "artifacts": keys})
+    return parts

@@ -1,0 +1,89 @@
+"""``funnel demo``: the whole pipeline on a generated shop, with a per-stage report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+import pyarrow as pa
+
+from .columns import ITEM_ID, QUERY_ID, RELEVANCE
+from .config import PipelineConfig
+
+__all__ = ["demo_config", "run_demo"]
+
+RELEVANT = 2.67
+
+
+def demo_config() -> PipelineConfig:
+    """The demo pipeline: every built-in stage, relative paths inside the demo folder."""
+    return PipelineConfig(
+        name="demo",
+        inputs={"query_id": "any", "query": "string"},
+        data={"catalog": "data/catalog.parquet", "judgments": "data/judgments.parquet"},
+        stages=[
+            {"type": "encode.sentence_transformers", "params": {}},
+            {"type": "recall.faiss", "params": {"index": "artifacts/index", "k": 100, "factory": "HNSW32",
+                                                "item_text": ["title", "brand"]}},
+            {"type": "lookup.catalog", "params": {"items": "artifacts/items",
+                                                  "columns": ["title", "brand", "color", "material", "price", "in_stock"]}},
+            {"type": "filter.rules", "params": {"rules": [{"column": "in_stock", "op": "eq", "value": True},
+                                                          {"column": "price", "op": "between", "max": 1000.0}]}},
+            {"type": "features.text", "params": {"features": ["recall_score", "recall_rank", "overlap", "coverage",
+                                                              "jaccard", "title_len", "query_len", "number_match",
+                                                              "query_has_number", "brand_match", "color_match",
+                                                              "material_match"]}},
+            {"type": "rank.lightgbm", "params": {"model": "artifacts/ranker", "n_estimators": 300}},
+            {"type": "display.topn", "params": {"n": 10, "cap_column": "brand", "cap": 4}},
+        ],
+    )
+
+
+def run_demo(workdir: Path, *, n_items: int = 3000, n_queries: int = 400, seed: int = 0, device: str | None = None,
+             progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Generate data, write ``pipeline.toml``, build, run on the held-out queries, evaluate."""
+    from .build import build_artifacts
+    from .cli import _stage_table, _with_device
+    from .config import load_config
+    from .data import read_parquet
+    from .demo_data import generate_demo_data
+    from .metrics import evaluate
+    from .runner import run_to_parquet
+
+    workdir = Path(workdir).resolve()
+    echo(f"[1/4] generating a demo shop ({n_items} items, {n_queries} judged queries) in {workdir}/data")
+    generate_demo_data(workdir / "data", n_items=n_items, n_queries=n_queries, seed=seed)
+    config_path = workdir / "pipeline.toml"
+    cfg = demo_config()
+    cfg.save(config_path)
+    cfg = load_config(config_path)
+
+    echo(f"[2/4] building artifacts from {config_path} (index, item snapshot, ranker)")
+    build_artifacts(cfg, progress=progress, log=lambda m: echo(f"      {m}"))
+
+    ranker_dir = workdir / "artifacts" / "ranker"
+    queries, judgments = ranker_dir / "holdout_queries.parquet", ranker_dir / "holdout_judgments.parquet"
+    judged = read_parquet(judgments, what="judgments")
+    relevant = pl.from_arrow(judged).filter(pl.col(RELEVANCE) >= RELEVANT).select(QUERY_ID, ITEM_ID)
+    found: dict[int, int] = {}
+
+    def observe(step: int, table: pa.Table) -> None:
+        if ITEM_ID in table.column_names and QUERY_ID in table.column_names:
+            got = pl.from_arrow(table.select([QUERY_ID, ITEM_ID])).with_columns(
+                pl.col(ITEM_ID).cast(relevant.schema[ITEM_ID]), pl.col(QUERY_ID).cast(relevant.schema[QUERY_ID]))
+            found[step] = found.get(step, 0) + relevant.join(got.unique(), on=[QUERY_ID, ITEM_ID]).height
+
+    echo(f"[3/4] running on the {judged.column(QUERY_ID).unique().__len__()} held-out queries")
+    pipe = _with_device(load_config(config_path).build(), device)
+    out = workdir / "out" / "candidates.parquet"
+    summary = run_to_parquet(pipe, queries, out, batch_size=64, progress=progress, observer=observe)
+    recall = {step: n / max(relevant.height, 1) for step, n in found.items()}
+    echo(_stage_table(summary.stages, recall))
+    echo(f"      recall = share of the {relevant.height} relevant judged (query, item) pairs still present after each stage")
+
+    echo("[4/4] evaluating the shown top-10 against the held-out judgments")
+    metrics = evaluate(read_parquet(out, what="run"), judged, k_values=(10,))
+    echo("      " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    echo(f"wrote {summary.rows} rows for {summary.queries} queries to {out}")
+    return {"metrics": metrics, "out": out, "summary": summary}

@@ -1,0 +1,205 @@
+"""Offline evaluation of a ranked run against graded judgments, computed by ``ranx``.
+
+A *run* is a long-form table, one row per (query, item) with a score (higher is better); a
+*judgments* table gives a graded ``relevance`` per judged (query, item). The protocol is the one
+used to report Home Depot results (``../shared/data/README.md``):
+
+* **Graded metrics** (``ndcg``, ``dcg`` and their ``_burges`` forms) use the gain
+  ``relevance - gain_offset``, so an irrelevant judged item (relevance 1) and every unjudged item
+  gain 0. ``ndcg`` is ranx's Järvelin-Kekäläinen NDCG, linear in the gain.
+* **Binary metrics** (``recall``, ``mrr``, ``map``, ``precision`` and ranx's other binary ones)
+  count a judged item as relevant when its relevance, rounded to two decimals, is at least
+  ``relevant_threshold``: the mean of three raters 8/3 counts as 2.67.
+
+Which queries count:
+
+* The query set is the judgments' one. Queries of the run that have no judgments are ignored;
+  judged queries missing from the run score 0 on every metric.
+* A graded metric averages over the queries with at least one judged item of positive gain; a
+  binary metric over the queries with at least one relevant item. A query with nothing to find
+  says nothing about the ranking, and counting it as 0 (or 1) would only shift the mean. The
+  result reports both counts (``queries``, ``queries_relevant``).
+
+Run rows are ordered by score, ties kept in the order of the run table, and a repeated
+(query, item) row keeps its best position; repeated judgments are averaged. Ids may be integers
+or strings (they are compared as text); a judgments table with ``product_id`` instead of
+``item_id`` (the Home Depot files) is accepted as is.
+
+How ranx is fed: ranx stores judgments as int64 (``Qrels`` truncates floats), so graded gains go
+in scaled by :data:`GAIN_SCALE` and rounded, which leaves NDCG unchanged (it is a ratio of sums
+linear in the gain) up to a 1e-3 rounding of each gain; binary metrics get their own qrels of 1s.
+Run scores are replaced by ``-position`` after the tie-break above, because ranx sorts ties in
+no fixed order. ranx compiles its kernels with numba on first use (cached on disk afterwards).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from ranx import Qrels, Run
+from ranx import evaluate as ranx_evaluate
+
+from .errors import DataError
+
+__all__ = ["GAIN_SCALE", "GRADED_METRICS", "evaluate", "per_query", "recall_at_k", "coverage"]
+
+#: Factor applied to ``relevance - gain_offset`` before ranx rounds it to an integer.
+GAIN_SCALE = 1000
+#: Metrics computed from graded gains; every other ranx metric is computed from binary labels.
+GRADED_METRICS = frozenset({"ndcg", "dcg", "ndcg_burges", "dcg_burges"})
+#: Alias accepted for the item column of judgments (the Home Depot files use it).
+ITEM_ALIAS = "product_id"
+
+
+def _frame(table, name: str, columns: dict[str, str]) -> pl.DataFrame:
+    """``table`` (Arrow or polars) as a polars frame with ``columns`` renamed to their keys."""
+    frame = table if isinstance(table, pl.DataFrame) else pl.from_arrow(table)
+    for col in columns.values():
+        if col not in frame.columns:
+            raise DataError(f"evaluation needs column '{col}' in the {name} but it has only: {', '.join(frame.columns)}")
+    return frame.select(pl.col(col).alias(key) for key, col in columns.items())
+
+
+def _qrels_and_runs(run, judgments, *, gain_offset, relevant_threshold, query_col, item_col, score_col,
+                    relevance_col):
+    """ranx inputs: graded and binary qrels as dicts, the run as a dict, and the query ids by text."""
+    names = judgments.columns if isinstance(judgments, pl.DataFrame) else judgments.column_names
+    judged_item = ITEM_ALIAS if item_col not in names and ITEM_ALIAS in names else item_col
+    judged = _frame(judgments, "judgments", {"q": query_col, "d": judged_item, "rel": relevance_col})
+    ranked = _frame(run, "run", {"q": query_col, "d": item_col, "s": score_col})
+
+    query_ids = {str(q): q for q in judged["q"].unique(maintain_order=True).to_list()}
+    judged = (
+        judged.with_columns(pl.col("q").cast(pl.Utf8), pl.col("d").cast(pl.Utf8), pl.col("rel").cast(pl.Float64))
+        .group_by("q", "d", maintain_order=True).agg(pl.col("rel").mean())
+        .with_columns(
+            gain=((pl.col("rel") - gain_offset) * GAIN_SCALE).round(0).cast(pl.Int64),
+            relevant=pl.col("rel").round(2) >= relevant_threshold - 1e-9,
+        )
+    )
+    graded: dict[str, dict[str, int]] = {}
+    for q, d, g in judged.filter(pl.col("gain") > 0).select("q", "d", "gain").iter_rows():
+        graded.setdefault(q, {})[d] = g
+    binary: dict[str, dict[str, int]] = {}
+    for q, d in judged.filter(pl.col("relevant")).select("q", "d").iter_rows():
+        binary.setdefault(q, {})[d] = 1
+
+    ranked = (
+        ranked.with_columns(pl.col("q").cast(pl.Utf8), pl.col("d").cast(pl.Utf8), pl.col("s").cast(pl.Float64))
+        .filter(pl.col("q").is_in(list(query_ids)) & pl.col("s").is_not_null() & pl.col("s").is_not_nan())
+        .with_row_index("row")
+        .sort(["q", "s", "row"], descending=[False, True, False])
+        .unique(["q", "d"], keep="first", maintain_order=True)
+    )
+    runs: dict[str, dict[str, float]] = {}
+    for q, d in ranked.select("q", "d").iter_rows():
+        docs = runs.setdefault(q, {})
+        docs[d] = -float(len(docs))
+    return graded, binary, runs, query_ids
+
+
+def _ranx_scores(qrels: dict, runs: dict, metrics: list[str]) -> dict[str, dict[str, float]]:
+    """Per-query ranx scores, ``{metric: {query: score}}``, over the queries of ``qrels``."""
+    if not qrels or not metrics:
+        return {m: {} for m in metrics}
+    ranx_qrels = Qrels(qrels)
+    ranked = {q: runs[q] for q in qrels if q in runs}
+    ranx_run = Run(ranked) if ranked else Run()
+    ranx_run = ranx_run.make_comparable(ranx_qrels)  # judged queries missing from the run score 0
+    scores = ranx_evaluate(ranx_qrels, ranx_run, metrics, return_mean=False, save_results_in_run=False)
+    if len(metrics) == 1:
+        scores = {metrics[0]: scores}
+    order = list(ranx_run.get_query_ids())
+    return {m: dict(zip(order, np.asarray(s, dtype=np.float64).tolist())) for m, s in scores.items()}
+
+
+def _scores(run, judgments, *, k_values, metrics, gain_offset, relevant_threshold, query_col, item_col, score_col,
+            relevance_col):
+    graded, binary, runs, query_ids = _qrels_and_runs(
+        run, judgments, gain_offset=gain_offset, relevant_threshold=relevant_threshold, query_col=query_col,
+        item_col=item_col, score_col=score_col, relevance_col=relevance_col,
+    )
+    ks = list(k_values)
+    if not metrics or not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"evaluate needs at least one metric and every k >= 1; got metrics={metrics!r}, k={ks!r}")
+    names_graded = [f"{m}@{k}" for m in metrics if m in GRADED_METRICS for k in ks]
+    names_binary = [f"{m}@{k}" for m in metrics if m not in GRADED_METRICS for k in ks]
+    per_metric = {**_ranx_scores(graded, runs, names_graded), **_ranx_scores(binary, runs, names_binary)}
+    ordered = [f"{m}@{k}" for m in metrics for k in ks]
+    return {n: per_metric[n] for n in ordered}, query_ids, len(graded), len(binary)
+
+
+def evaluate(
+    run,
+    judgments,
+    *,
+    k_values: Iterable[int] = (10, 100),
+    metrics: Iterable[str] = ("ndcg", "recall", "mrr", "map", "precision"),
+    gain_offset: float = 1.0,
+    relevant_threshold: float = 2.67,
+    query_col: str = "query_id",
+    item_col: str = "item_id",
+    score_col: str = "score",
+    relevance_col: str = "relevance",
+) -> dict[str, float]:
+    """Mean of each ``metric@k`` over the judged queries, plus the number of queries behind them.
+
+    ``run`` and ``judgments`` are Arrow tables (polars frames work too); ``metrics`` are ranx
+    metric names. Returns ``{"ndcg@10": ..., "recall@100": ..., "queries": n, "queries_relevant": m}``
+    where ``queries`` counts the queries averaged by graded metrics and ``queries_relevant`` those
+    averaged by binary metrics (see the module docstring). A metric with no query to average is NaN.
+    """
+    scores, _, n_graded, n_binary = _scores(
+        run, judgments, k_values=k_values, metrics=list(metrics), gain_offset=gain_offset,
+        relevant_threshold=relevant_threshold, query_col=query_col, item_col=item_col, score_col=score_col,
+        relevance_col=relevance_col,
+    )
+    out = {name: float(np.mean(list(s.values()))) if s else float("nan") for name, s in scores.items()}
+    out["queries"] = n_graded
+    out["queries_relevant"] = n_binary
+    return out
+
+
+def per_query(
+    run,
+    judgments,
+    *,
+    k_values: Iterable[int] = (10, 100),
+    metrics: Iterable[str] = ("ndcg", "recall", "mrr", "map", "precision"),
+    gain_offset: float = 1.0,
+    relevant_threshold: float = 2.67,
+    query_col: str = "query_id",
+    item_col: str = "item_id",
+    score_col: str = "score",
+    relevance_col: str = "relevance",
+) -> pa.Table:
+    """One row per judged query (``query_col`` as in the judgments) and one column per ``metric@k``.
+
+    A query left out of a metric's average (no positive gain, or no relevant item) has a null there;
+    the column means over non-null rows equal :func:`evaluate`'s results.
+    """
+    scores, query_ids, _, _ = _scores(
+        run, judgments, k_values=k_values, metrics=list(metrics), gain_offset=gain_offset,
+        relevant_threshold=relevant_threshold, query_col=query_col, item_col=item_col, score_col=score_col,
+        relevance_col=relevance_col,
+    )
+    columns = {query_col: list(query_ids.values())}
+    for name, s in scores.items():
+        columns[name] = pa.array([s.get(q) for q in query_ids], type=pa.float64())
+    return pa.table(columns)
+
+
+def recall_at_k(run, judgments, k: int = 100, **kwargs) -> float:
+    """Recall@k alone; keyword arguments as for :func:`evaluate`."""
+    return evaluate(run, judgments, k_values=(k,), metrics=("recall",), **kwargs)[f"recall@{k}"]
+
+
+def coverage(run, catalog_size: int, *, item_col: str = "item_id") -> float:
+    """Fraction of the catalog's ``catalog_size`` items that appear at least once in ``run``."""
+    if catalog_size <= 0:
+        raise ValueError(f"coverage needs catalog_size >= 1; got {catalog_size}")
+    frame = _frame(run, "run", {"d": item_col})
+    return frame["d"].drop_nulls().n_unique() / catalog_size

@@ -1,0 +1,221 @@
+"""Dense recall: nearest items to each query embedding from a FAISS index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import polars as pl
+
+from indexes.faiss_index import FaissIndex
+from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file
+from pipeline.build import BuildContext, find_upstream
+from pipeline.columns import ITEM_ID, QUERY_EMBEDDING, QUERY_ID, RANK, SCORE, SOURCE
+from pipeline.config import stage_to_spec
+from pipeline.data import read_catalog
+from pipeline.errors import ArtifactError, ConfigError, DataError, DeviceError
+from pipeline.schema import ANY, EMBEDDING
+from pipeline.stage import Pipeline, Stage, StageTags
+
+__all__ = ["FaissRecall"]
+
+
+class FaissRecall(Stage):
+    """Recall the ``k`` nearest items of each query embedding from a FAISS index.
+
+    Input is one row per query with an embedding column (a list of float32, usually written by
+    an encode stage). Output is long form: one row per (query, hit), ordered by query then rank,
+    carrying the query's other columns, the hit's ``item_id`` (as the index stores it),
+    ``score`` (higher is better: the inner product, or minus the squared L2 distance),
+    ``rank`` (1-based) and ``source`` (to tell recall sources apart after a merge). The
+    embedding column is dropped.
+
+    The index folder is made by ``funnel build`` (see :class:`indexes.FaissIndex`). A query
+    can get fewer than ``k`` hits (an IVF index with a small ``nprobe``, or ``k`` above the
+    index size); ``on_short="keep"`` keeps the shorter list, ``"error"`` raises.
+
+    Args:
+        index: folder of the index, relative to the config file's folder.
+        k: hits per query.
+        embedding_column: column holding the query embeddings.
+        nprobe: IVF lists to visit (IVF indexes only; faiss's default when ``None``).
+        ef_search: HNSW search breadth (HNSW indexes only).
+        on_short: ``"keep"`` or ``"error"`` when a query gets fewer than ``k`` hits.
+        source: value of the ``source`` column.
+        factory: FAISS index factory string used by ``funnel build`` (``"Flat"``, ``"HNSW32"``,
+            ``"IVF1024,Flat"``, ``"IVF256,PQ32"`` ...).
+        metric: ``"ip"`` (cosine on normalised embeddings) or ``"l2"``, used by ``funnel build``.
+        item_text: catalog columns joined (space-separated, nulls skipped) into the text that
+            ``funnel build`` encodes for each item, with the pipeline's own encoder.
+        device: ``"cpu"``, ``"cuda"`` (needs faiss-gpu) or ``"auto"`` (cuda when both torch
+            sees a GPU and faiss can use it).
+    """
+
+    name = "recall.faiss"
+    input_schema = pa.schema([pa.field(QUERY_ID, ANY), pa.field(QUERY_EMBEDDING, EMBEDDING)])
+    output_schema = pa.schema(
+        [pa.field(ITEM_ID, ANY), pa.field(SCORE, pa.float32()), pa.field(RANK, pa.int32()), pa.field(SOURCE, pa.string())]
+    )
+    drops = (QUERY_EMBEDDING,)
+    tags = StageTags(devices=("cpu", "cuda"), requires_build=True, level="query")
+    path_params = ("index",)
+
+    def __init__(
+        self,
+        index: str = "artifacts/index",
+        k: int = 100,
+        embedding_column: str = QUERY_EMBEDDING,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        on_short: str = "keep",
+        source: str = "dense",
+        factory: str = "Flat",
+        metric: str = "ip",
+        item_text: list[str] | tuple[str, ...] = ("title",),
+        device: str = "auto",
+    ):
+        self.index = index
+        self.k = k
+        self.embedding_column = embedding_column
+        self.nprobe = nprobe
+        self.ef_search = ef_search
+        self.on_short = on_short
+        self.source = source
+        self.factory = factory
+        self.metric = metric
+        self.item_text = item_text
+        self.device = device
+
+    def validate_params(self) -> None:
+        super().validate_params()
+        if not _is_int(self.k) or self.k < 1:
+            raise self._bad_param("k", "an int >= 1")
+        for param in ("nprobe", "ef_search"):
+            value = getattr(self, param)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise self._bad_param(param, "None or an int >= 1")
+        if self.on_short not in ("keep", "error"):
+            raise self._bad_param("on_short", "one of ('keep', 'error')")
+        if not isinstance(self.source, str):
+            raise self._bad_param("source", "a string")
+        if self.metric not in ("ip", "l2"):
+            raise self._bad_param("metric", "one of ('ip', 'l2')")
+        if not self.item_text or not all(isinstance(c, str) for c in self.item_text):
+            raise self._bad_param("item_text", "a non-empty list of catalog column names")
+
+    def _encoder(self, upstream: Pipeline | None) -> Stage | None:
+        return find_upstream(upstream, lambda s: getattr(s, "output_column", None) == self.embedding_column
+                             and hasattr(s, "encode_texts"))
+
+    def check_upstream(self, upstream: Pipeline) -> None:
+        """Composition-time check that an existing index was built with the upstream encoder."""
+        encoder = self._encoder(upstream)
+        folder = self.resolve_path(self.index)
+        if encoder is None or not (folder / MANIFEST).exists():
+            return
+        built_with = read_manifest(folder, what=f"stage '{self.name}' index").get("encoder")
+        if built_with is not None and built_with != encoder.model:
+            raise ArtifactError(
+                f"stage '{self.name}': the index at {folder} was built with encoder {built_with!r} but the pipeline "
+                f"encodes queries with {encoder.model!r}; rebuild it with `funnel build`"
+            )
+
+    def build(self, upstream: Pipeline | None, ctx: BuildContext) -> str:
+        """Encode ``item_text`` of ``[data] catalog`` with the upstream encoder and index it."""
+        encoder = self._encoder(upstream)
+        if encoder is None:
+            raise ConfigError(f"stage '{self.name}' needs an encode stage writing '{self.embedding_column}' before it")
+        folder = self.resolve_path(self.index)
+        catalog_path = ctx.data_path("catalog")
+        key = build_key(stage=self.name, factory=self.factory, metric=self.metric, item_text=list(self.item_text),
+                        encoder=stage_to_spec(encoder)["params"], catalog=sha256_file(catalog_path))
+        if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what="index").get("build_key") == key:
+            return f"{self.name}: up to date ({folder})"
+        catalog = read_catalog(catalog_path, list(self.item_text))
+        texts = pl.from_arrow(catalog).select(
+            pl.concat_str([pl.col(c).cast(pl.String) for c in self.item_text], separator=" ", ignore_nulls=True)
+        ).to_series().fill_null("").to_list()
+        embeddings = encoder.encode_texts(texts, progress=ctx.progress)
+        index = FaissIndex.build(embeddings, catalog.column(ITEM_ID), factory=self.factory, metric=self.metric,
+                                 normalize=encoder.normalize, encoder=encoder.model)
+        index.save(folder, extra={"build_key": key, "item_text": list(self.item_text)})
+        return f"{self.name}: indexed {index.ntotal} items ({self.factory}, dim {index.dim}) in {folder}"
+
+    def required_columns(self) -> pa.Schema:
+        return pa.schema([pa.field(QUERY_ID, ANY), pa.field(self.embedding_column, EMBEDDING)])
+
+    def dropped_columns(self) -> tuple[str, ...]:
+        return (self.embedding_column,)
+
+    def warm_up(self) -> None:
+        if getattr(self, "index_", None) is not None:
+            return
+        self.validate_params()
+        super().warm_up()
+        try:
+            index = FaissIndex.load(self.resolve_path(self.index))
+            if self.device_ == "cuda":
+                try:
+                    index = index.to_gpu()
+                except DeviceError:
+                    if self.device != "auto":
+                        raise
+                    self.device_ = "cpu"
+        except BaseException:
+            self.device_ = None
+            raise
+        self.index_ = index
+
+    def transform(self, table: pa.Table) -> pa.Table:
+        index: FaissIndex = self.index_
+        queries = self._embeddings(table, index)
+        k = min(self.k, index.ntotal)
+        if len(queries):
+            scores, positions = index.search(queries, k, nprobe=self.nprobe, ef_search=self.ef_search)
+        else:
+            scores, positions = np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+        found = positions >= 0
+        counts = found.sum(axis=1)
+        if self.on_short == "error" and (counts < self.k).any():
+            row = int(np.argmax(counts < self.k))
+            raise DataError(
+                f"stage '{self.name}': query {table.column(QUERY_ID)[row].as_py()!r} got {int(counts[row])} hits "
+                f"but k={self.k} (the index at {index.location} holds {index.ntotal} items); "
+                "lower k, raise nprobe, or set on_short='keep'"
+            )
+        rows, _ = np.nonzero(found)
+        ranks = np.cumsum(found, axis=1, dtype=np.int32)[found]
+        hit_scores = scores[found] if index.metric == "ip" else -scores[found]
+        kept = [c for c in table.column_names if c not in {self.embedding_column, ITEM_ID, SCORE, RANK, SOURCE}]
+        out = table.select(kept).take(pa.array(rows, pa.int64()))
+        return (
+            out.append_column(ITEM_ID, index.ids_for(positions[found]))
+            .append_column(pa.field(SCORE, pa.float32()), pa.array(hit_scores, pa.float32()))
+            .append_column(pa.field(RANK, pa.int32()), pa.array(ranks, pa.int32()))
+            .append_column(pa.field(SOURCE, pa.string()), pa.repeat(pa.scalar(self.source, pa.string()), len(rows)))
+        )
+
+    def _embeddings(self, table: pa.Table, index: FaissIndex) -> np.ndarray:
+        """The embedding column as an (n, d) float32 matrix, each row checked to have d values."""
+        col = self.embedding_column
+        arr = table.column(col).combine_chunks()
+        where = f"stage '{self.name}': column '{col}'"
+        if arr.null_count:
+            row = int(np.argmax(arr.is_null().to_numpy(zero_copy_only=False)))
+            raise DataError(f"{where} is null for query {table.column(QUERY_ID)[row].as_py()!r}")
+        if pa.types.is_fixed_size_list(arr.type):
+            lengths = np.full(max(len(arr), 1), arr.type.list_size)
+        else:
+            lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(lengths != index.dim)
+        if len(bad):
+            raise DataError(f"{where} has dimension {int(lengths[bad[0]])} but the index at {index.location} has {index.dim}")
+        values = pc.list_flatten(arr)
+        if values.null_count:
+            raise DataError(f"{where} has {values.null_count} null values inside embeddings")
+        return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), index.dim)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

