@@ -29,18 +29,18 @@ How ranx is fed: ranx stores judgments as int64 (``Qrels`` truncates floats), so
 in scaled by :data:`GAIN_SCALE` and rounded, which leaves NDCG unchanged (it is a ratio of sums
 linear in the gain) up to a 1e-3 rounding of each gain; binary metrics get their own qrels of 1s.
 Run scores are replaced by ``-position`` after the tie-break above, because ranx sorts ties in
-no fixed order. ranx compiles its kernels with numba on first use (cached on disk afterwards).
+no fixed order. ranx is imported on first use (it takes ~1.5 s to import); its numba kernels
+compile on the very first call (~30 s) and load from numba's disk cache in later processes (~3 s).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from ranx import Qrels, Run
-from ranx import evaluate as ranx_evaluate
 
 from .errors import DataError
 
@@ -105,11 +105,23 @@ def _ranx_scores(qrels: dict, runs: dict, metrics: list[str]) -> dict[str, dict[
     """Per-query ranx scores, ``{metric: {query: score}}``, over the queries of ``qrels``."""
     if not qrels or not metrics:
         return {m: {} for m in metrics}
-    ranx_qrels = Qrels(qrels)
-    ranked = {q: runs[q] for q in qrels if q in runs}
-    ranx_run = Run(ranked) if ranked else Run()
-    ranx_run = ranx_run.make_comparable(ranx_qrels)  # judged queries missing from the run score 0
-    scores = ranx_evaluate(ranx_qrels, ranx_run, metrics, return_mean=False, save_results_in_run=False)
+    # judged queries missing from the run get an empty ranking (added here: ranx's own
+    # ``make_comparable`` edits numba dicts from Python, which recompiles in every process)
+    ranked = {q: runs.get(q, {}) for q in qrels}
+    if not any(ranked.values()):
+        return {m: dict.fromkeys(qrels, 0.0) for m in metrics}
+    import numba
+    from ranx import Qrels, Run
+    from ranx import evaluate as ranx_evaluate
+
+    threads = numba.get_num_threads()  # ranx drops numba to one thread for < 10 queries, for good
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="unsafe cast")  # raised while numba compiles ranx
+            ranx_run = Run(ranked)
+            scores = ranx_evaluate(Qrels(qrels), ranx_run, metrics, return_mean=False, save_results_in_run=False)
+    finally:
+        numba.set_num_threads(threads)
     if len(metrics) == 1:
         scores = {metrics[0]: scores}
     order = list(ranx_run.get_query_ids())

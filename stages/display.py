@@ -47,7 +47,7 @@ class TopNDisplay(Stage):
 
     def transform(self, table: pa.Table) -> pa.Table:
         frame = (pl.from_arrow(table)
-                 .with_columns(pl.int_range(pl.len()).min().over(QUERY_ID).alias("__qpos"))
+                 .with_row_index("__qpos").with_columns(pl.col("__qpos").min().over(QUERY_ID))
                  .sort(["__qpos", RANK, SCORE], descending=[False, False, True], maintain_order=True))
         if self.cap_column:
             seen = pl.int_range(pl.len()).over([QUERY_ID, self.cap_column])

@@ -34,9 +34,8 @@ def rerank(table: pa.Table, scores: np.ndarray, *, query_column: str = QUERY_ID)
     keep = {SCORE: RECALL_SCORE, RANK: RECALL_RANK}
     frame = frame.drop([c for c in keep.values() if c in frame.columns])
     frame = frame.rename({k: v for k, v in keep.items() if k in frame.columns})
-    frame = frame.with_columns(
-        pl.Series(SCORE, scores.astype(np.float32)),
-        pl.int_range(pl.len()).min().over(query_column).alias("__qpos"),
+    frame = frame.with_columns(pl.Series(SCORE, scores.astype(np.float32))).with_row_index("__qpos").with_columns(
+        pl.col("__qpos").min().over(query_column)
     ).with_columns(pl.col(SCORE).rank("ordinal", descending=True).over(query_column).cast(pl.Int32).alias(RANK))
     return frame.sort(["__qpos", RANK]).drop("__qpos").to_arrow()
 

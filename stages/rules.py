@@ -186,7 +186,7 @@ class RuleFilter(Stage):
 
     # -- parsing -----------------------------------------------------------------------------
 
-    def _compile(self, leaves: list, *, load: bool) -> pl.Expr:
+    def _parse(self, leaves: list, *, load: bool) -> pl.Expr:
         """Check every rule and build their AND; append ``(where, rule, column, kind, literal)`` per leaf."""
         if self.rules is not None and not isinstance(self.rules, (list, tuple)):
             raise self._bad_param("rules", "a list of rule tables")
@@ -283,17 +283,17 @@ class RuleFilter(Stage):
         super().validate_params()
         if self.dedupe_by is not None and (not isinstance(self.dedupe_by, str) or not self.dedupe_by):
             raise self._bad_param("dedupe_by", "a column name or None")
-        for param in ("group_by", "order_by"):
-            if not isinstance(getattr(self, param), str) or not getattr(self, param):
+        for param, value in (("group_by", self.group_by), ("order_by", self.order_by)):
+            if not isinstance(value, str) or not value:
                 raise self._bad_param(param, "a column name")
-        self._compile([], load=False)
+        self._parse([], load=False)
 
     def _columns(self) -> list[str]:
         if getattr(self, "expr_", None) is not None:
             leaves = self.leaves_
         else:
             leaves = []
-            self._compile(leaves, load=False)
+            self._parse(leaves, load=False)
         names = [leaf[2] for leaf in leaves]
         if self.dedupe_by is not None:
             names += [self.group_by, self.dedupe_by, self.order_by]
@@ -306,8 +306,8 @@ class RuleFilter(Stage):
     def warm_up(self) -> None:
         super().warm_up()
         if getattr(self, "expr_", None) is None:
-            self.leaves_: list = []
-            self.expr_ = self._compile(self.leaves_, load=True)
+            self.leaves_ = []
+            self.expr_ = self._parse(self.leaves_, load=True)
 
     def _check_types(self, df: pl.DataFrame, table: pa.Table) -> None:
         for where, rule, column, kind, literal in self.leaves_:
