@@ -88,11 +88,11 @@ def _qrels_and_runs(run, judgments, *, gain_offset, relevant_threshold, query_co
         binary.setdefault(q, {})[d] = 1
 
     ranked = (
-        ranked.with_columns(pl.col("q").cast(pl.Utf8), pl.col("d").cast(pl.Utf8), pl.col("s").cast(pl.Float64))
+        ranked.with_columns(pl.col("q").cast(pl.Utf8), pl.col("s").cast(pl.Float64))
         .filter(pl.col("q").is_in(list(query_ids)) & pl.col("s").is_not_null() & pl.col("s").is_not_nan())
-        .with_row_index("row")
-        .sort(["q", "s", "row"], descending=[False, True, False])
+        .sort(["q", "s"], descending=[False, True], maintain_order=True)
         .unique(["q", "d"], keep="first", maintain_order=True)
+        .with_columns(pl.col("d").cast(pl.Utf8))
     )
     runs: dict[str, dict[str, float]] = {}
     for q, d in ranked.select("q", "d").iter_rows():
@@ -119,11 +119,12 @@ def _ranx_scores(qrels: dict, runs: dict, metrics: list[str]) -> dict[str, dict[
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="unsafe cast")  # raised while numba compiles ranx
             ranx_run = Run(ranked)
-            scores = ranx_evaluate(Qrels(qrels), ranx_run, metrics, return_mean=False, save_results_in_run=False)
+            # a one-metric list trips ranx 0.3 (``return_mean=False`` then looks up a stripped
+            # name), so a single metric goes in twice
+            names = metrics if len(metrics) > 1 else metrics * 2
+            scores = ranx_evaluate(Qrels(qrels), ranx_run, names, return_mean=False, save_results_in_run=False)
     finally:
         numba.set_num_threads(threads)
-    if len(metrics) == 1:
-        scores = {metrics[0]: scores}
     order = list(ranx_run.get_query_ids())
     return {m: dict(zip(order, np.asarray(s, dtype=np.float64).tolist())) for m, s in scores.items()}
 

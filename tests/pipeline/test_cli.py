@@ -1,0 +1,87 @@
+"""The command line contract: demo, build, run, eval, errors as one line."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    result = invoke("demo", "--workdir", tmp_path / "d", "--items", 300, "--queries", 60, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "recall.faiss" in result.output and "display.topn" in result.output and "ndcg@10" in result.output
+    out = pq.read_table(tmp_path / "d" / "out" / "candidates.parquet")
+    assert {"query_id", "item_id", "rank", "score", "source"} <= set(out.column_names)
+
+
+def test_build_is_idempotent_and_run_writes_ranked_candidates(demo_shop, tmp_path):
+    config = demo_shop / "pipeline.toml"
+    result = invoke("build", config, "--quiet")
+    assert result.exit_code == 0 and result.output.count("up to date") == 3, result.output
+    queries = demo_shop / "data" / "queries.parquet"
+    out = tmp_path / "out.parquet"
+    result = invoke("run", config, "--queries", queries, "--out", out, "--top", 5, "--quiet")
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    n_queries = pq.read_metadata(queries).num_rows
+    assert table.column("rank").to_pylist().count(1) == n_queries
+    assert max(table.column("rank").to_pylist()) == 5
+    assert "recall.faiss" in result.output
+
+
+def test_run_into_a_folder_and_eval(demo_shop, tmp_path):
+    config = demo_shop / "pipeline.toml"
+    ranker = demo_shop / "artifacts" / "ranker"
+    result = invoke("run", config, "--queries", ranker / "holdout_queries.parquet", "--out", tmp_path / "shards", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "shards" / "part-00000.parquet").exists()
+    result = invoke("eval", "--run", tmp_path / "shards", "--judgments", ranker / "holdout_judgments.parquet",
+                    "--k", 10, "--json", tmp_path / "m.json")
+    assert result.exit_code == 0, result.output
+    assert "ndcg@10" in result.output and (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("make_input, expected", [
+    (lambda p: pq.write_table(pa.table({"query_id": [1]}), p), "needs column 'query'"),
+    (lambda p: p.write_bytes(b"not parquet at all"), "not readable as Parquet"),
+    (lambda p: None, "does not exist"),
+])
+def test_bad_queries_give_one_line_error_and_no_output(demo_shop, tmp_path, make_input, expected):
+    queries = tmp_path / "q.parquet"
+    make_input(queries)
+    out = tmp_path / "out.parquet"
+    result = CliRunner().invoke(main, ["run", str(demo_shop / "pipeline.toml"), "--queries", str(queries),
+                                       "--out", str(out), "--quiet"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("funnel: error:") and expected in lines[-1], result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_unknown_stage_in_config_is_one_line(tmp_path):
+    config = tmp_path / "p.toml"
+    config.write_text('[[stages]]\ntype = "rank.xgboost"\n')
+    result = CliRunner().invoke(main, ["config", "check", str(config)])
+    assert result.exit_code == 2 and "unknown stage type 'rank.xgboost'; known types:" in result.output
+
+
+def test_stages_list_shows_builtins():
+    result = invoke("stages", "list")
+    for key in ("encode.sentence_transformers", "recall.faiss", "filter.rules", "rank.lightgbm", "display.topn"):
+        assert key in result.output
+
+
+def test_every_command_has_help():
+    for cmd in ([], ["demo"], ["build"], ["run"], ["eval"], ["train", "ranker"], ["stages", "list"], ["config", "check"]):
+        result = invoke(*cmd, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output

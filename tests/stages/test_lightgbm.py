@@ -1,0 +1,77 @@
+"""The LightGBM ranker: training through the pipeline, feature checks, safe loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import ArtifactError, SchemaError
+from pipeline.config import load_config
+from pipeline.stage import Pipeline
+
+from stages.features import TextMatchFeatures
+from stages.lightgbm import LightGBMRanker, _group_sizes, rerank
+
+
+def test_trained_model_is_lightgbm_text_with_manifest(demo_shop):
+    folder = demo_shop / "artifacts" / "ranker"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (folder / "model.txt").read_text().startswith("tree")
+    assert manifest["features"][0].startswith("f_") and manifest["best_iteration"] >= 1
+    assert manifest["holdout_queries"] > 0 and (folder / "holdout_queries.parquet").exists()
+
+
+def test_ranker_reorders_and_keeps_recall_provenance(demo_pipeline, stage_inputs):
+    step = [s.name for s in demo_pipeline].index("rank.lightgbm")
+    out = demo_pipeline.stages[step](stage_inputs[step])
+    assert {"recall_score", "recall_rank", "score", "rank"} <= set(out.column_names)
+    for q in set(out.column("query_id").to_pylist()):
+        rows = [r for r in out.to_pylist() if r["query_id"] == q]
+        assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+        assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
+
+
+def test_features_the_model_was_trained_on_are_checked_at_composition(demo_shop):
+    pipe = load_config(demo_shop / "pipeline.toml").build()
+    step = [s.name for s in pipe].index("rank.lightgbm")
+    stages = list(pipe.stages)
+    stages[step - 1] = TextMatchFeatures(features=["overlap"])
+    with pytest.raises(SchemaError, match="rank.lightgbm.*f_recall_score"):
+        Pipeline(stages, inputs=pipe.inputs)
+
+
+def test_corrupted_model_fails_with_a_clear_message(demo_shop, tmp_path):
+    folder = tmp_path / "ranker"
+    shutil.copytree(demo_shop / "artifacts" / "ranker", folder)
+    with open(folder / "model.txt", "r+") as f:
+        f.seek(200)
+        f.write("garbage")
+    ranker = LightGBMRanker(model=str(folder))
+    with pytest.raises(ArtifactError, match="corrupted or was changed"):
+        ranker.warm_up()
+
+
+def test_missing_model_says_to_build(tmp_path):
+    with pytest.raises(ArtifactError, match="funnel build"):
+        LightGBMRanker(model=str(tmp_path / "none")).warm_up()
+
+
+def test_rerank_and_group_sizes():
+    import polars as pl
+
+    table = pa.table({"query_id": ["b", "b", "a", "a", "a"], "item_id": [1, 2, 3, 4, 5],
+                      "score": pa.array([0.1] * 5, pa.float32()), "rank": pa.array([1, 2, 1, 2, 3], pa.int32())})
+    out = rerank(table, np.array([0.2, 0.9, 0.5, 0.1, 0.7]))
+    assert out.column("query_id").to_pylist() == ["b", "b", "a", "a", "a"]
+    assert out.column("item_id").to_pylist() == [2, 1, 5, 3, 4]
+    assert out.column("recall_rank").to_pylist() == [2, 1, 3, 1, 2]
+    assert _group_sizes(pl.Series(["b", "b", "a", "a", "a"])).tolist() == [2, 3]
+
+
+def test_bad_training_params_fail_at_composition():
+    with pytest.raises(Exception, match="'holdout_fraction' parameter of stage 'rank.lightgbm'"):
+        LightGBMRanker(holdout_fraction=1.5).validate_params()
