@@ -4,9 +4,10 @@ A *run* is a long-form table, one row per (query, item) with a score (higher is 
 *judgments* table gives a graded ``relevance`` per judged (query, item). The protocol is the one
 used to report Home Depot results (``../shared/data/README.md``):
 
-* **Graded metrics** (``ndcg``, ``dcg`` and their ``_burges`` forms) use the gain
-  ``relevance - gain_offset``, so an irrelevant judged item (relevance 1) and every unjudged item
-  gain 0. ``ndcg`` is ranx's Järvelin-Kekäläinen NDCG, linear in the gain.
+* **Graded metrics** (``ndcg``, ``dcg``) use the gain ``relevance - gain_offset``, so an
+  irrelevant judged item (relevance 1) and every unjudged item gain 0. They are ranx's
+  Järvelin-Kekäläinen forms, linear in the gain; the exponential ``ndcg_burges`` would need
+  integer grades and is refused.
 * **Binary metrics** (``recall``, ``mrr``, ``map``, ``precision`` and ranx's other binary ones)
   count a judged item as relevant when its relevance, rounded to two decimals, is at least
   ``relevant_threshold``: the mean of three raters 8/3 counts as 2.67.
@@ -27,7 +28,8 @@ or strings (they are compared as text); a judgments table with ``product_id`` in
 
 How ranx is fed: ranx stores judgments as int64 (``Qrels`` truncates floats), so graded gains go
 in scaled by :data:`GAIN_SCALE` and rounded, which leaves NDCG unchanged (it is a ratio of sums
-linear in the gain) up to a 1e-3 rounding of each gain; binary metrics get their own qrels of 1s.
+linear in the gain) up to a 1e-3 rounding of each gain, and DCG is divided back; binary metrics
+get their own qrels of 1s.
 Run scores are replaced by ``-position`` after the tie-break above, because ranx sorts ties in
 no fixed order. ranx is imported on first use (it takes ~1.5 s to import); its numba kernels
 compile on the very first call (~30 s) and load from numba's disk cache in later processes (~3 s).
@@ -49,7 +51,8 @@ __all__ = ["GAIN_SCALE", "GRADED_METRICS", "evaluate", "per_query", "recall_at_k
 #: Factor applied to ``relevance - gain_offset`` before ranx rounds it to an integer.
 GAIN_SCALE = 1000
 #: Metrics computed from graded gains; every other ranx metric is computed from binary labels.
-GRADED_METRICS = frozenset({"ndcg", "dcg", "ndcg_burges", "dcg_burges"})
+GRADED_METRICS = frozenset({"ndcg", "dcg"})
+_REFUSED = frozenset({"ndcg_burges", "dcg_burges"})
 #: Alias accepted for the item column of judgments (the Home Depot files use it).
 ITEM_ALIAS = "product_id"
 
@@ -126,18 +129,26 @@ def _ranx_scores(qrels: dict, runs: dict, metrics: list[str]) -> dict[str, dict[
     finally:
         numba.set_num_threads(threads)
     order = list(ranx_run.get_query_ids())
-    return {m: dict(zip(order, np.asarray(s, dtype=np.float64).tolist())) for m, s in scores.items()}
+    out = {}
+    for m, s in scores.items():
+        s = np.asarray(s, dtype=np.float64) / (GAIN_SCALE if m.startswith("dcg@") else 1)
+        out[m] = dict(zip(order, s.tolist()))
+    return out
 
 
 def _scores(run, judgments, *, k_values, metrics, gain_offset, relevant_threshold, query_col, item_col, score_col,
             relevance_col):
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    ks = [k_values] if isinstance(k_values, int) else list(k_values)
+    if not metrics or not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"evaluate needs at least one metric and every k >= 1; got metrics={metrics!r}, k={ks!r}")
+    refused = [m for m in metrics if m in _REFUSED or "@" in m]
+    if refused:
+        raise ValueError(f"evaluate takes ranx metric names without '@k' and with linear gains; got {refused!r}")
     graded, binary, runs, query_ids = _qrels_and_runs(
         run, judgments, gain_offset=gain_offset, relevant_threshold=relevant_threshold, query_col=query_col,
         item_col=item_col, score_col=score_col, relevance_col=relevance_col,
     )
-    ks = list(k_values)
-    if not metrics or not ks or any(int(k) < 1 for k in ks):
-        raise ValueError(f"evaluate needs at least one metric and every k >= 1; got metrics={metrics!r}, k={ks!r}")
     names_graded = [f"{m}@{k}" for m in metrics if m in GRADED_METRICS for k in ks]
     names_binary = [f"{m}@{k}" for m in metrics if m not in GRADED_METRICS for k in ks]
     per_metric = {**_ranx_scores(graded, runs, names_graded), **_ranx_scores(binary, runs, names_binary)}
@@ -166,7 +177,7 @@ def evaluate(
     averaged by binary metrics (see the module docstring). A metric with no query to average is NaN.
     """
     scores, _, n_graded, n_binary = _scores(
-        run, judgments, k_values=k_values, metrics=list(metrics), gain_offset=gain_offset,
+        run, judgments, k_values=k_values, metrics=metrics, gain_offset=gain_offset,
         relevant_threshold=relevant_threshold, query_col=query_col, item_col=item_col, score_col=score_col,
         relevance_col=relevance_col,
     )
@@ -195,7 +206,7 @@ def per_query(
     the column means over non-null rows equal :func:`evaluate`'s results.
     """
     scores, query_ids, _, _ = _scores(
-        run, judgments, k_values=k_values, metrics=list(metrics), gain_offset=gain_offset,
+        run, judgments, k_values=k_values, metrics=metrics, gain_offset=gain_offset,
         relevant_threshold=relevant_threshold, query_col=query_col, item_col=item_col, score_col=score_col,
         relevance_col=relevance_col,
     )

@@ -122,24 +122,27 @@ class FaissRecall(Stage):
             )
 
     def build(self, upstream: Pipeline | None, ctx: BuildContext) -> str:
-        """Encode ``item_text`` of ``[data] catalog`` with the upstream encoder and index it."""
+        """Index the catalog: its ``item_text`` encoded by the upstream encoder, or, when the
+        config names ``[data] embeddings`` (Parquet with ``item_id`` and ``embedding``), those
+        vectors as they are (they must come from the same encoder as the queries)."""
         encoder = self._encoder(upstream)
         if encoder is None:
             raise ConfigError(f"stage '{self.name}' needs an encode stage writing '{self.embedding_column}' before it")
         folder = self.resolve_path(self.index)
-        catalog_path = ctx.data_path("catalog")
+        source = ctx.data_path("embeddings" if "embeddings" in ctx.config.data else "catalog")
         key = build_key(stage=self.name, factory=self.factory, metric=self.metric, item_text=list(self.item_text),
-                        encoder=stage_to_spec(encoder)["params"], catalog=sha256_file(catalog_path))
+                        encoder=stage_to_spec(encoder)["params"], source=sha256_file(source))
         if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what="index").get("build_key") == key:
             return f"{self.name}: up to date ({folder})"
-        catalog = read_catalog(catalog_path, list(self.item_text))
-        texts = pl.from_arrow(catalog).select(
-            pl.concat_str([pl.col(c).cast(pl.String) for c in self.item_text], separator=" ", ignore_nulls=True)
-        ).to_series().fill_null("").to_list()
-        embeddings = encoder.encode_texts(texts, progress=ctx.progress)
-        index = FaissIndex.build(embeddings, catalog.column(ITEM_ID), factory=self.factory, metric=self.metric,
+        if "embeddings" in ctx.config.data:
+            ids, embeddings = _read_embeddings(source)
+        else:
+            catalog = read_catalog(source, list(self.item_text))
+            ids, embeddings = catalog.column(ITEM_ID), encoder.encode_texts(_item_texts(catalog, self.item_text),
+                                                                            progress=ctx.progress)
+        index = FaissIndex.build(embeddings, ids, factory=self.factory, metric=self.metric,
                                  normalize=encoder.normalize, encoder=encoder.model)
-        index.save(folder, extra={"build_key": key, "item_text": list(self.item_text)})
+        index.save(folder, extra={"build_key": key, "item_text": list(self.item_text), "source": str(source)})
         return f"{self.name}: indexed {index.ntotal} items ({self.factory}, dim {index.dim}) in {folder}"
 
     def required_columns(self) -> pa.Schema:
@@ -219,3 +222,27 @@ class FaissRecall(Stage):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _item_texts(catalog: pa.Table, columns) -> list[str]:
+    """One text per item: the columns joined by spaces, list columns (colours) flattened, nulls skipped."""
+    frame = pl.from_arrow(catalog)
+    parts = [pl.col(c).list.eval(pl.element().cast(pl.String)).list.join(" ") if isinstance(frame.schema[c], pl.List)
+             else pl.col(c).cast(pl.String) for c in columns]
+    return frame.select(pl.concat_str(parts, separator=" ", ignore_nulls=True)).to_series().fill_null("").to_list()
+
+
+def _read_embeddings(path) -> tuple[pa.Array, np.ndarray]:
+    from pipeline.data import read_parquet
+
+    table = read_parquet(path, what="embeddings", columns=[ITEM_ID, "embedding"])
+    col = table.column("embedding").combine_chunks()
+    if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type)):
+        raise DataError(f"embeddings file {path}: column 'embedding' must be a list of floats; found {col.type}")
+    lengths = set(pc.list_value_length(col).to_pylist()) if not pa.types.is_fixed_size_list(col.type) else {col.type.list_size}
+    if len(lengths) != 1 or col.null_count:
+        raise DataError(f"embeddings file {path}: column 'embedding' must hold non-null vectors of one length; found lengths {sorted(x for x in lengths if x is not None)}")
+    dim = lengths.pop()
+    values = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), dim)
+    return table.column(ITEM_ID).combine_chunks(), values
+

@@ -83,6 +83,15 @@ def test_hand_computed_case():
     check(evaluate(run, judgments, k_values=(3, 5), metrics=METRICS))
 
 
+def test_dcg_is_unscaled_and_bad_names_are_refused():
+    run, judgments = tables()
+    result = evaluate(run, judgments, k_values=3, metrics="dcg")
+    assert result["dcg@3"] == pytest.approx((2.33 + 1 / math.log2(3) + 0) / 3)  # q1, q2, q3
+    for bad in ("ndcg_burges", "ndcg@10"):
+        with pytest.raises(ValueError, match=bad):
+            evaluate(run, judgments, metrics=(bad,))
+
+
 def test_default_keys():
     run, judgments = tables()
     result = evaluate(run, judgments)
