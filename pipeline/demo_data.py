@@ -38,7 +38,6 @@ The generative model, in three steps:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -139,13 +138,14 @@ _BRANDS = [
     "Quarrystone", "Drayfield", "Cobaltix", "Willowmere", "Grayhaven", "Vantrell", "Zephlor", "Norvik", "Emberline",
 ]
 
-# Title templates: {b} brand, {s} size, {c} colour, {m} material, {t} type name, {mod} model number.
+# Title templates: {b} brand, {s} size, {c} colour, {m} material, {t} type name; {cc} is ", colour"
+# and {ic} " in colour" (empty without a colour). A model number, when shown, ends the title.
 _TEMPLATES = [
-    "{b} {s} {c} {m} {t}{mod}",
-    "{b} {t}, {s}, {c}{mod}",
-    "{s} {m} {t} in {c}{mod}",
-    "{b} {c} {t} ({s}){mod}",
-    "{b} {m} {t} {s} {c}{mod}",
+    "{b} {s} {c} {m} {t}",
+    "{b} {t}, {s}{cc}",
+    "{s} {m} {t}{ic}",
+    "{b} {c} {t} ({s})",
+    "{b} {m} {t} {s} {c}",
 ]
 
 _CATEGORIES = sorted({t[1] for t in _TYPES})
@@ -202,7 +202,7 @@ def _catalog(rng: np.random.Generator, n_items: int) -> dict[str, np.ndarray | l
         brand = -1 if rng.random() < 0.1 or len(makers) == 0 else int(rng.choice(makers))
         material = _MATERIALS.index(materials[rng.integers(len(materials))]) if materials else -1
         template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
-        prefix = _BRANDS[brand][:2].upper() if brand >= 0 else "HD"
+        prefix = _BRANDS[brand][:2].upper() if brand >= 0 else "GX"
         model = f"{prefix}{int(rng.integers(100, 9999))}" if rng.random() < 0.6 else ""
         base = rng.uniform(lo, hi)
         n_var = int(rng.integers(1, 5))
@@ -212,17 +212,17 @@ def _catalog(rng: np.random.Generator, n_items: int) -> dict[str, np.ndarray | l
         for p in picks:
             s, c = combos[int(p)]
             color = _COLORS.index(colors[c]) if colors else -1
+            color_name = _COLORS[color] if color >= 0 else ""
             title = template.format(
                 b=_BRANDS[brand] if brand >= 0 else "",
                 s=sizes[s],
-                c=_COLORS[color] if color >= 0 else "",
-                m=_MATERIALS[material] if material >= 0 else "",
+                c=color_name,
+                cc=f", {color_name}" if color_name else "",
+                ic=f" in {color_name}" if color_name else "",
+                m=_MATERIALS[material] if material >= 0 and _MATERIALS[material] not in name else "",
                 t=name,
-                mod=f" (Model {model})" if model else "",
             )
-            title = re.sub(r"\s+", " ", title.replace(" in ,", ",").replace(", ,", ",")).strip()
-            title = re.sub(r"\s*,\s*(\(|$)", r" \1", title).replace(" in (", " (")
-            title = re.sub(r" in$", "", title).replace("()", "").strip(" ,")
+            title = " ".join(title.split()) + (f" (Model {model})" if model else "")
             rows["type"].append(t)
             rows["brand"].append(brand)
             rows["size"].append(_SIZES.index(sizes[s]))
@@ -275,7 +275,8 @@ def _query(rng: np.random.Generator, items: dict, seed_item: int) -> tuple[str, 
             if a in chosen:
                 v = int(items[a][seed_item])
                 intent[a] = v
-                words.append(_short_size(_SIZES[v]) if a == "size" else {"color": _COLORS, "material": _MATERIALS}[a][v].lower())
+                vocab = {"size": _SIZES, "color": _COLORS, "material": _MATERIALS}[a]
+                words.append(_short_size(vocab[v]) if a == "size" else vocab[v].lower())
         text = " ".join(words + [surface]) if rng.random() < 0.7 else " ".join([surface] + words)
     elif kind == "brand_type":
         intent["brand"] = brand

@@ -1,0 +1,109 @@
+"""The Home Depot example pipeline, end to end on a subset of the real data.
+
+Builds a copy of ``examples/homedepot/pipeline.toml`` whose ``[data]`` points at a subset
+written to ``tmp_path`` (judged queries sampled from ``judgments_train.parquet``, and a
+catalog made of all their judged products plus random others), then runs ``funnel build``,
+``funnel run`` on the ranker's holdout queries and ``funnel eval``, through the CLI.
+The data itself is never written into the repository.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import tomli_w
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data" / "homedepot"
+EXAMPLE = REPO / "examples" / "homedepot" / "pipeline.toml"
+
+N_QUERIES = 250
+N_ITEMS = 4000
+SEED = 0
+
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+
+
+def _funnel(*args) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _subset(folder: Path) -> tuple[Path, Path]:
+    """Judgments of ``N_QUERIES`` random queries; a catalog of their products plus random others."""
+    judgments = pl.read_parquet(DATA / "judgments_train.parquet")
+    catalog = pl.read_parquet(DATA / "catalog.parquet")
+    qids = judgments["query_id"].unique().sort().sample(N_QUERIES, seed=SEED)
+    judged = judgments.filter(pl.col("query_id").is_in(qids.implode()))
+    needed = judged["product_id"].unique()
+    others = catalog.filter(~pl.col("product_id").is_in(needed.implode()))
+    extra = others.sample(max(N_ITEMS - needed.len(), 0), seed=SEED)["product_id"]
+    items = catalog.filter(pl.col("product_id").is_in(pl.concat([needed, extra]).implode()))
+    folder.mkdir(parents=True, exist_ok=True)
+    judged.write_parquet(folder / "judgments.parquet")
+    items.write_parquet(folder / "catalog.parquet")
+    return folder / "catalog.parquet", folder / "judgments.parquet"
+
+
+@pytest.fixture(scope="module")
+def homedepot_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("homedepot")
+    catalog, judgments = _subset(root / "data")
+    doc = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    # Same stages and parameters as the example; only the data differs (relative to the config).
+    doc["data"] = {"catalog": "data/catalog.parquet", "judgments": "data/judgments.parquet"}
+    config = root / "pipeline.toml"
+    config.write_text(tomli_w.dumps(doc))
+
+    _funnel("build", config, "--quiet")
+    ranker = root / "artifacts" / "ranker"
+    out = root / "out" / "holdout.parquet"
+    _funnel("run", config, "--queries", ranker / "holdout_queries.parquet", "--out", out, "--quiet")
+    metrics_file = root / "out" / "metrics.json"
+    _funnel("eval", "--run", out, "--judgments", ranker / "holdout_judgments.parquet", "--k", 10, "--k", 100,
+            "--json", metrics_file)
+    return {"root": root, "out": out, "ranker": ranker, "metrics": json.loads(metrics_file.read_text()),
+            "n_items": pl.read_parquet(catalog).height}
+
+
+def test_subset_is_what_was_asked(homedepot_run):
+    assert N_ITEMS - 50 <= homedepot_run["n_items"] <= N_ITEMS + 50
+    manifest = json.loads((homedepot_run["ranker"] / "manifest.json").read_text())
+    assert manifest["train_queries"] + manifest["holdout_queries"] == N_QUERIES
+    assert manifest["holdout_queries"] >= 30
+
+
+def test_output_schema_and_ranks(homedepot_run):
+    run = pl.read_parquet(homedepot_run["out"])
+    for col in ("query_id", "item_id", "rank", "score"):
+        assert col in run.columns
+    assert run["rank"].dtype == pl.Int32
+    assert run["score"].dtype == pl.Float32
+    assert run.select(pl.col("query_id", "item_id", "rank", "score").null_count().sum_horizontal()).item() == 0
+    holdout = pq.read_table(homedepot_run["ranker"] / "holdout_queries.parquet")
+    assert set(run["query_id"].unique().to_list()) == set(holdout.column("query_id").to_pylist())
+    per_query = run.group_by("query_id", maintain_order=True).agg(
+        pl.col("rank"), pl.col("score"), pl.col("item_id").n_unique().alias("distinct"), pl.len().alias("n"))
+    for row in per_query.iter_rows(named=True):
+        assert row["rank"] == list(range(1, row["n"] + 1)), f"query {row['query_id']}: ranks not 1..n"
+        assert row["score"] == sorted(row["score"], reverse=True), f"query {row['query_id']}: scores not descending"
+        assert row["distinct"] == row["n"], f"query {row['query_id']}: repeated items"
+    # display.topn n = 100 over a 100-hit recall from a 4000-item catalog: every query gets 100 rows
+    assert (per_query["n"] == 100).all()
+    # the ranker keeps the recall score and rank as provenance
+    assert {"recall_score", "recall_rank", "source"} <= set(run.columns)
+
+
+def test_quality_bounds(homedepot_run):
+    m = homedepot_run["metrics"]
+    assert m["ndcg@10"] > 0.25, m
+    assert m["recall@100"] > 0.6, m
