@@ -106,9 +106,10 @@ def train_ranker(config: Path, force: bool, quiet: bool) -> None:
 @click.option("--top", type=click.IntRange(min=1), help="Candidates per query to write (overrides the display stage).")
 @click.option("--device", type=DEVICE_CHOICE, help="Device for every stage that has a `device` parameter.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Queries per batch (default: config's or 256).")
+@click.option("--strict", is_flag=True, help="Fail on the first row a stage cannot process instead of quarantining it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(config: Path, queries: Path, out: Path, top: int | None, device: str | None, batch_size: int | None,
-        quiet: bool) -> None:
+        strict: bool, quiet: bool) -> None:
     """Batch candidate generation: run CONFIG over every query and write ranked candidates.
 
     OUT has one row per shown candidate: query_id, item_id, rank (1-based), score, plus
@@ -121,9 +122,12 @@ def run(config: Path, queries: Path, out: Path, top: int | None, device: str | N
     pipe = _with_device(cfg.build(), device)
     if top is not None:
         pipe = pipe.with_top(top)
-    summary = run_to_parquet(pipe, queries, out, batch_size=batch_size or cfg.batch_size or 256, progress=not quiet)
+    summary = run_to_parquet(pipe, queries, out, batch_size=batch_size or cfg.batch_size or 256, progress=not quiet,
+                             strict=strict)
     click.echo(f"wrote {summary.rows} rows for {summary.queries} queries to {summary.out} "
                f"in {summary.seconds:.1f} s ({summary.queries / max(summary.seconds, 1e-9):.1f} queries/s)")
+    if summary.quarantined:
+        click.echo(f"quarantined {summary.quarantined} row(s) that could not be processed: {summary.quarantine}")
     click.echo(_stage_table(summary.stages))
 
 

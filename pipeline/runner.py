@@ -20,13 +20,15 @@ from .errors import DataError
 from .schema import check_columns
 from .stage import Pipeline, StageStats
 
-__all__ = ["RunSummary", "run_to_parquet", "output_file"]
+__all__ = ["RunSummary", "run_to_parquet", "output_file", "quarantine_file"]
 
 
 @dataclass
 class RunSummary:
     queries: int = 0
     rows: int = 0
+    quarantined: int = 0
+    quarantine: Path | None = None
     seconds: float = 0.0
     out: Path | None = None
     stages: list[StageStats] = field(default_factory=list)
@@ -38,12 +40,21 @@ def output_file(out: str | Path) -> Path:
     return out if out.suffix == ".parquet" else out / "part-00000.parquet"
 
 
+def quarantine_file(out: str | Path) -> Path:
+    """Where rows that could not be processed go: beside the output file."""
+    target = output_file(out)
+    return target.with_name(target.stem + ".quarantine.parquet")
+
+
 def run_to_parquet(pipe: Pipeline, queries: str | Path, out: str | Path, *, batch_size: int = 256,
-                   progress: bool = True, observer: Callable[[int, pa.Table], None] | None = None) -> RunSummary:
+                   progress: bool = True, observer: Callable[[int, pa.Table], None] | None = None,
+                   strict: bool = False) -> RunSummary:
     """Run ``pipe`` over every query in ``queries`` and write the candidates to ``out``.
 
-    ``observer(step, table)`` is called with the output of every stage of every batch (used by
-    the per-stage recall table of ``funnel demo``).
+    Rows a stage cannot process (null text, a NaN embedding ...) are written with the stage and
+    the reason to :func:`quarantine_file` and counted, never silently dropped; with ``strict``
+    the first such row fails the run instead. ``observer(step, table)`` is called with the
+    output of every stage of every batch (used by the per-stage recall table of ``funnel demo``).
     """
     import time
 
@@ -61,6 +72,7 @@ def run_to_parquet(pipe: Pipeline, queries: str | Path, out: str | Path, *, batc
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     summary = RunSummary(out=target)
     writer = None
+    rejected: list[pa.Table] = []
     t0 = time.perf_counter()
     pipe.warm_up()
     try:
@@ -68,7 +80,7 @@ def run_to_parquet(pipe: Pipeline, queries: str | Path, out: str | Path, *, batc
             for batch in dataset.to_batches(batch_size=batch_size):
                 if batch.num_rows == 0:
                     continue
-                result = pipe.run(batch, summary.stages, observer)
+                result = pipe.run(batch, summary.stages, observer, quarantine=None if strict else rejected)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, result.schema)
                 writer.write_table(result.cast(writer.schema) if result.schema != writer.schema else result)
@@ -79,10 +91,19 @@ def run_to_parquet(pipe: Pipeline, queries: str | Path, out: str | Path, *, batc
             empty = pipe.run(pa.Table.from_batches([], schema=dataset.schema))
             writer = pq.ParquetWriter(tmp, empty.schema)
         writer.close()
+        bad = quarantine_file(out)
+        if rejected:
+            table = pa.concat_tables(rejected)
+            pq.write_table(table, tmp.with_name(tmp.name + ".q"))
+            os.replace(tmp.with_name(tmp.name + ".q"), bad)
+            summary.quarantined, summary.quarantine = table.num_rows, bad
+        elif bad.exists():
+            bad.unlink()
         os.replace(tmp, target)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, tmp.with_name(tmp.name + ".q")):
+            if leftover.exists():
+                leftover.unlink()
     summary.seconds = time.perf_counter() - t0
     return summary
 

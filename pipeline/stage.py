@@ -206,6 +206,16 @@ class Stage:
     def is_warm(self) -> bool:
         return getattr(self, "device_", None) is not None
 
+    def invalid_rows(self, table: pa.Table) -> pa.Array | None:
+        """Why each row of ``table`` cannot be processed: a string per row, null when the row is fine.
+
+        Return ``None`` when every row is fine (the default). A pipeline run with a quarantine
+        moves such rows out, with the reason, before calling :meth:`transform`, so one bad
+        row does not fail a batch of thousands; without a quarantine (``--strict``) the stage
+        meets them in ``transform`` and raises. Keep it cheap and vectorised.
+        """
+        return None
+
     def transform(self, table: pa.Table) -> pa.Table:
         """Compute the output table from a checked, non-mutable input table."""
         raise NotImplementedError  # pragma: no cover - __init_subclass__ forbids reaching it
@@ -244,6 +254,32 @@ class StageStats:
     @property
     def total_seconds(self) -> float:
         return float(sum(self.seconds))
+
+
+QUARANTINE_SCHEMA = pa.schema([pa.field("query_id", pa.string()), pa.field("item_id", pa.string()),
+                               pa.field("stage", pa.string()), pa.field("reason", pa.string())])
+
+
+def _quarantine(stage: Stage, table: pa.Table, out: list[pa.Table]) -> pa.Table:
+    """Move the rows ``stage`` cannot process into ``out``; return the others."""
+    import pyarrow.compute as pc
+
+    if table.num_rows == 0:
+        return table
+    reasons = stage.invalid_rows(table)
+    if reasons is None or reasons.null_count == len(reasons):
+        return table
+    bad = pc.is_valid(reasons)
+    rejected = table.filter(bad)
+
+    def ids(col: str) -> pa.Array:
+        if col not in rejected.column_names:
+            return pa.nulls(rejected.num_rows, pa.string())
+        return pc.cast(rejected.column(col), pa.string())
+
+    out.append(pa.table([ids("query_id"), ids("item_id"), pa.repeat(pa.scalar(stage.name), rejected.num_rows),
+                         reasons.filter(bad).cast(pa.string())], schema=QUARANTINE_SCHEMA))
+    return table.filter(pc.invert(bad))
 
 
 DEFAULT_INPUTS = pa.schema([pa.field("query_id", ANY)])
@@ -322,11 +358,15 @@ class Pipeline:
         return self.run(batch)
 
     def run(self, batch: pa.Table | pa.RecordBatch, stats: list[StageStats] | None = None,
-            observer: Callable[[int, pa.Table], None] | None = None) -> pa.Table:
+            observer: Callable[[int, pa.Table], None] | None = None,
+            quarantine: list[pa.Table] | None = None) -> pa.Table:
         """Run every stage on ``batch``.
 
         ``stats`` (a list, filled on first use) accumulates rows and seconds per stage;
         ``observer(step, table)`` sees each stage's output (per-stage recall, debugging).
+        With ``quarantine`` (a list), rows a stage reports through :meth:`Stage.invalid_rows`
+        are moved there — as ``query_id``, ``stage``, ``reason`` (and ``item_id`` after recall) —
+        instead of reaching the stage; without it, the stage raises on them.
         """
         table = as_table(batch)
         check_columns(self.inputs, table.schema, stage=self.stages[0].name, where="the pipeline input")
@@ -337,6 +377,8 @@ class Pipeline:
                 stage.warm_up()
             t0 = time.perf_counter()
             rows_in = table.num_rows
+            if quarantine is not None:
+                table = _quarantine(stage, table, quarantine)
             table = stage(table)
             if stats is not None:
                 stats[i].seconds.append(time.perf_counter() - t0)

@@ -121,6 +121,17 @@ class SentenceTransformerEncoder(Stage):
             )
         return emb.float().cpu().numpy().astype(np.float32, copy=False)
 
+    def invalid_rows(self, table: pa.Table) -> pa.Array | None:
+        import pyarrow.compute as pc
+
+        text = table.column(self.text_column)
+        blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(text), ""), False)
+        if not text.null_count and not pc.any(blank).as_py():
+            return None
+        reason = pc.if_else(pc.is_null(text), f"null text in column '{self.text_column}'",
+                            pc.if_else(blank, f"empty text in column '{self.text_column}'", pa.scalar(None, pa.string())))
+        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+
     def transform(self, table: pa.Table) -> pa.Table:
         col = table.column(self.text_column)
         if col.null_count:

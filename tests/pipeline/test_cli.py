@@ -85,3 +85,20 @@ def test_every_command_has_help():
     for cmd in ([], ["demo"], ["build"], ["run"], ["eval"], ["train", "ranker"], ["stages", "list"], ["config", "check"]):
         result = invoke(*cmd, "--help")
         assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_rows_that_cannot_be_processed_are_quarantined_not_dropped(demo_shop, tmp_path):
+    queries = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"query_id": [1, 2, 3], "query": ["cordless drill", None, "   "]}), queries)
+    out = tmp_path / "out.parquet"
+    result = invoke("run", demo_shop / "pipeline.toml", "--queries", queries, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "quarantined 2 row(s)" in result.output
+    bad = pq.read_table(tmp_path / "out.quarantine.parquet").to_pylist()
+    assert [(r["query_id"], r["stage"]) for r in bad] == [("2", "encode.sentence_transformers"),
+                                                          ("3", "encode.sentence_transformers")]
+    assert set(pq.read_table(out).column("query_id").to_pylist()) == {1}
+    strict = CliRunner().invoke(main, ["run", str(demo_shop / "pipeline.toml"), "--queries", str(queries),
+                                       "--out", str(tmp_path / "strict.parquet"), "--strict", "--quiet"])
+    assert strict.exit_code == 2 and "null text value" in strict.output
+    assert not (tmp_path / "strict.parquet").exists()
