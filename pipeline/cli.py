@@ -148,7 +148,12 @@ def eval_(run_path: Path, judgments: Path, ks: tuple[int, ...], relevant_thresho
     from .metrics import evaluate
 
     run_table = open_dataset(run_path).to_table()
-    metrics = evaluate(run_table, read_parquet(judgments, what="judgments"), k_values=ks,
+    order = "score"
+    if "rank" in run_table.column_names:  # the shown order, which caps and de-duplication may set
+        import pyarrow.compute as pc
+
+        run_table, order = run_table.append_column("__order", pc.negate(run_table.column("rank"))), "__order"
+    metrics = evaluate(run_table, read_parquet(judgments, what="judgments"), k_values=ks, score_col=order,
                        gain_offset=gain_offset, relevant_threshold=relevant_threshold)
     for name, value in metrics.items():
         click.echo(f"{name:>16}  {value:.4f}" if isinstance(value, float) else f"{name:>16}  {value}")
