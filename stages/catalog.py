@@ -72,6 +72,20 @@ class CatalogLookup(Stage):
         verify_files(folder, manifest, what=what)
         self.items_ = pl.from_arrow(pq.read_table(folder / ITEMS_FILE, columns=[ITEM_ID, *self.columns]))
 
+    def invalid_rows(self, table: pa.Table) -> pa.Array | None:
+        """Candidates whose item is not in the snapshot (an index and catalog out of step)."""
+        import pyarrow.compute as pc
+
+        ids = table.column(ITEM_ID)
+        known = self.items_.get_column(ITEM_ID).to_arrow()
+        if known.type != ids.type:
+            known = known.cast(ids.type)
+        missing = pc.invert(pc.is_in(ids, value_set=known))
+        if not pc.any(missing).as_py():
+            return None
+        reason = pc.if_else(missing, f"item_id not in the catalog snapshot {self.items}", pa.scalar(None, pa.string()))
+        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+
     def transform(self, table: pa.Table) -> pa.Table:
         frame = pl.from_arrow(table).drop([c for c in self.columns if c in table.column_names])
         items = self.items_

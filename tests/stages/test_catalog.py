@@ -1,0 +1,43 @@
+"""Catalog lookup: snapshot at build, join at run, unknown items quarantined."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import ArtifactError, Pipeline
+from pipeline.build import BuildContext
+from pipeline.config import PipelineConfig
+
+
+@pytest.fixture()
+def lookup(tmp_path):
+    pq.write_table(pa.table({"product_id": [1, 2], "title": ["drill", "hose"], "brand": ["x", None]}),
+                   tmp_path / "catalog.parquet")
+    cfg = PipelineConfig(stages=[{"type": "lookup.catalog"}], data={"catalog": "catalog.parquet"}, base_dir=tmp_path)
+    stage = cfg.build().stages[0]
+    assert "wrote 2 items" in stage.build(None, BuildContext(cfg, progress=False))
+    assert "up to date" in stage.build(None, BuildContext(cfg, progress=False))
+    return stage
+
+
+def test_join_keeps_order_and_types(lookup):
+    out = lookup(pa.table({"query_id": [7, 7], "item_id": [2, 1]}))
+    assert out.to_pylist() == [{"query_id": 7, "item_id": 2, "title": "hose", "brand": None},
+                               {"query_id": 7, "item_id": 1, "title": "drill", "brand": "x"}]
+
+
+def test_unknown_items_go_to_quarantine(lookup):
+    rejected = []
+    out = Pipeline([lookup]).run(pa.table({"query_id": [1, 1], "item_id": [1, 99]}), quarantine=rejected)
+    assert out.column("item_id").to_pylist() == [1]
+    assert rejected[0].column("reason").to_pylist() == ["item_id not in the catalog snapshot artifacts/items"]
+
+
+def test_tampered_snapshot_is_refused(lookup):
+    path = lookup.resolve_path(lookup.items) / "items.parquet"
+    path.write_bytes(path.read_bytes()[:-10])
+    fresh = lookup.clone()
+    with pytest.raises(ArtifactError, match="corrupted or was changed"):
+        fresh.warm_up()
