@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 
 from .columns import ITEM_ID, QUERY, QUERY_ID, RELEVANCE
 from .errors import DataError
-from .schema import ANY, check_columns
+from .schema import compatible
 
-__all__ = ["read_parquet", "read_catalog", "read_judgments", "holdout_mask", "open_dataset"]
+__all__ = ["read_parquet", "read_catalog", "read_judgments", "holdout_mask", "open_dataset", "read_logs",
+           "next_item_targets", "LOG_USER", "LOG_ITEMS"]
 
 ITEM_ID_ALIASES = ("product_id",)
 
@@ -66,6 +67,8 @@ def _alias_item_id(table: pa.Table) -> pa.Table:
 def read_catalog(path: str | Path, columns: list[str] | tuple[str, ...] = ()) -> pa.Table:
     """A product catalog with ``item_id`` (or ``product_id``) and the requested columns."""
     table = read_parquet(path, what="catalog", columns=[ITEM_ID, *[c for c in columns if c != ITEM_ID]])
+    if table.num_rows == 0:
+        raise DataError(f"catalog file {path} has no rows; a catalog needs at least one item")
     ids = table.column(ITEM_ID)
     if ids.null_count:
         raise DataError(f"catalog file {path}: column {ITEM_ID} has {ids.null_count} null id(s)")
@@ -77,9 +80,12 @@ def read_catalog(path: str | Path, columns: list[str] | tuple[str, ...] = ()) ->
 def read_judgments(path: str | Path) -> pa.Table:
     """Graded judgments: ``query_id``, ``query``, ``item_id`` (or ``product_id``), ``relevance``."""
     table = read_parquet(path, what="judgments", columns=[QUERY_ID, QUERY, ITEM_ID, RELEVANCE])
-    need = pa.schema([pa.field(QUERY_ID, ANY), pa.field(QUERY, pa.string()), pa.field(ITEM_ID, ANY),
-                      pa.field(RELEVANCE, pa.float64())])
-    check_columns(need, table.schema, stage="judgments", where=f"file {path}")
+    for column, expected in ((QUERY, pa.string()), (RELEVANCE, pa.float64())):
+        found = table.schema.field(column).type
+        if not compatible(expected, found):
+            raise DataError(f"judgments file {path}: column '{column}' must be {expected}; found {found}")
+    if table.num_rows == 0:
+        raise DataError(f"judgments file {path} has no rows; training and evaluation need judged queries")
     return table
 
 
@@ -94,3 +100,48 @@ def holdout_mask(query_ids: pa.Array | pa.ChunkedArray, fraction: float, seed: i
         h = hashlib.blake2b(f"{seed}:{qid}".encode(), digest_size=8).digest()
         out.append(int.from_bytes(h, "big") / 2**64 < fraction)
     return out
+
+
+#: Columns of an interaction log: one row per user, the items in time order (oldest first).
+LOG_USER, LOG_ITEMS = "user_id", "items"
+
+
+def read_logs(path: str | Path) -> pa.Table:
+    """Interaction logs: ``user_id`` and ``items`` (a list of item ids, oldest first)."""
+    table = read_parquet(path, what="logs", columns=[LOG_USER, LOG_ITEMS])
+    items_type = table.schema.field(LOG_ITEMS).type
+    if not (pa.types.is_list(items_type) or pa.types.is_large_list(items_type)):
+        raise DataError(f"logs file {path}: column '{LOG_ITEMS}' must be a list of item ids in time order; found {items_type}")
+    if table.num_rows == 0:
+        raise DataError(f"logs file {path} has no rows; learning from logs needs at least one user")
+    return table
+
+
+def next_item_targets(logs: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Leave-last-out: each user's last item is the target, the items before it the history.
+
+    Returns ``(queries, judgments, prior_logs)``: ``queries`` has ``query_id`` (the user) and
+    ``history`` (items before the last, oldest first), ``judgments`` has ``query_id``,
+    ``item_id`` (the last item) and ``relevance`` 1.0, and ``prior_logs`` is the logs without
+    each user's last item — what a model may learn from without seeing the targets. Users with
+    fewer than two items give no query.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from .columns import HISTORY
+
+    items = logs.column(LOG_ITEMS).combine_chunks()
+    usable = pc.greater_equal(pc.fill_null(pc.list_value_length(items), 0), 2)
+    users, seqs = logs.column(LOG_USER).filter(usable), items.filter(usable)
+    offsets = seqs.offsets.to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)
+    last = offsets[1:] - offsets[0] - 1
+    flat = pc.list_flatten(seqs)
+    keep = np.ones(len(flat), bool)
+    keep[last] = False
+    prior = pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(lengths - 1)], pa.int32()), flat.filter(pa.array(keep)))
+    queries = pa.table({QUERY_ID: users, HISTORY: prior})
+    judgments = pa.table({QUERY_ID: users, ITEM_ID: flat.take(pa.array(last)),
+                          RELEVANCE: pa.array(np.ones(len(last)), pa.float64())})
+    return queries, judgments, pa.table({LOG_USER: users, LOG_ITEMS: prior})

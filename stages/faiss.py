@@ -138,6 +138,7 @@ class FaissRecall(Stage):
             ids, embeddings = _read_embeddings(source)
         else:
             catalog = read_catalog(source, list(self.item_text))
+            _check_text_columns(catalog, self.item_text, where=f"catalog file {source}", stage=self.name)
             ids, embeddings = catalog.column(ITEM_ID), encoder.encode_texts(_item_texts(catalog, self.item_text),
                                                                             progress=ctx.progress)
         index = FaissIndex.build(embeddings, ids, factory=self.factory, metric=self.metric,
@@ -199,6 +200,39 @@ class FaissRecall(Stage):
             .append_column(pa.field(SOURCE, pa.string()), pa.repeat(pa.scalar(self.source, pa.string()), len(rows)))
         )
 
+    def invalid_rows(self, table: pa.Table) -> pa.Array | None:
+        """A reason for each query whose embedding cannot be searched: null, NaN/inf or null
+        values inside, or a length other than the index's dimension.
+
+        A fixed-size embedding column of the wrong dimension is not a per-row problem (the
+        index was built with another encoder): it is left to :meth:`transform`, which raises.
+        """
+        if not self.is_warm:
+            self.warm_up()
+        dim = self.index_.dim
+        arr = table.column(self.embedding_column).combine_chunks()
+        if len(arr) == 0 or (pa.types.is_fixed_size_list(arr.type) and arr.type.list_size != dim):
+            return None
+        n = len(arr)
+        lengths = pc.fill_null(pc.list_value_length(arr), -1).to_numpy(zero_copy_only=False)
+        values = pc.list_flatten(arr)
+        parents = pc.list_parent_indices(arr).to_numpy(zero_copy_only=False)
+        floats = pc.fill_null(pc.cast(values, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+        non_finite = np.bincount(parents, weights=~np.isfinite(floats), minlength=n) > 0
+        null_inside = np.bincount(parents, weights=values.is_null().to_numpy(zero_copy_only=False), minlength=n) > 0
+        col = f"column '{self.embedding_column}'"
+        reasons: list[str | None] = [None] * n
+        for row in np.flatnonzero((lengths != dim) | non_finite | null_inside):
+            if lengths[row] < 0:
+                reasons[row] = f"null embedding in {col}"
+            elif lengths[row] != dim:
+                reasons[row] = f"embedding in {col} has dimension {int(lengths[row])}; the index has {dim}"
+            elif null_inside[row]:
+                reasons[row] = f"embedding in {col} has null values"
+            else:
+                reasons[row] = f"embedding in {col} has NaN or infinite values"
+        return pa.array(reasons, pa.string()) if any(r is not None for r in reasons) else None
+
     def _embeddings(self, table: pa.Table, index: FaissIndex) -> np.ndarray:
         """The embedding column as an (n, d) float32 matrix, each row checked to have d values."""
         col = self.embedding_column
@@ -213,15 +247,38 @@ class FaissRecall(Stage):
             lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
         bad = np.flatnonzero(lengths != index.dim)
         if len(bad):
-            raise DataError(f"{where} has dimension {int(lengths[bad[0]])} but the index at {index.location} has {index.dim}")
+            raise DataError(f"{where} has dimension {int(lengths[bad[0]])} but the index at {index.location} has "
+                            f"{index.dim}; was the index built with another encoder? Rebuild it with `funnel build`")
         values = pc.list_flatten(arr)
         if values.null_count:
             raise DataError(f"{where} has {values.null_count} null values inside embeddings")
-        return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), index.dim)
+        matrix = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), index.dim)
+        finite = np.isfinite(matrix).all(axis=1)
+        if not finite.all():
+            row = int(np.argmin(finite))
+            raise DataError(f"{where} has NaN or infinite values for query {table.column(QUERY_ID)[row].as_py()!r}; "
+                            "fix the embeddings, or run without --strict to quarantine such rows")
+        return matrix
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_text_columns(table: pa.Table, columns, *, where: str, stage: str) -> None:
+    """Item text columns must hold text, numbers or lists of them (never raw bytes)."""
+    def ok(t: pa.DataType) -> bool:
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            return ok(t.value_type)
+        return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+                or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_dictionary(t)
+                or pa.types.is_null(t))
+
+    for column in columns:
+        found = table.schema.field(column).type
+        if not ok(found):
+            raise DataError(f"{where}: column '{column}' is {found}; stage '{stage}' needs text (UTF-8 strings), "
+                            "numbers or lists of them in its item_text columns")
 
 
 def _item_texts(catalog: pa.Table, columns) -> list[str]:
