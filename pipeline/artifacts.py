@@ -43,6 +43,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; artifacts are shared like any other output
     os.replace(tmp, path)
 
 

@@ -57,7 +57,7 @@ def _subset(folder: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def homedepot_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("homedepot")
-    catalog, judgments = _subset(root / "data")
+    catalog, _ = _subset(root / "data")
     doc = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
     # Same stages and parameters as the example; only the data differs (relative to the config).
     doc["data"] = {"catalog": "data/catalog.parquet", "judgments": "data/judgments.parquet"}
@@ -88,7 +88,7 @@ def test_output_schema_and_ranks(homedepot_run):
         assert col in run.columns
     assert run["rank"].dtype == pl.Int32
     assert run["score"].dtype == pl.Float32
-    assert run.select(pl.col("query_id", "item_id", "rank", "score").null_count().sum_horizontal()).item() == 0
+    assert sum(run.select(pl.col("query_id", "item_id", "rank", "score").null_count()).row(0)) == 0
     holdout = pq.read_table(homedepot_run["ranker"] / "holdout_queries.parquet")
     assert set(run["query_id"].unique().to_list()) == set(holdout.column("query_id").to_pylist())
     per_query = run.group_by("query_id", maintain_order=True).agg(
@@ -105,5 +105,6 @@ def test_output_schema_and_ranks(homedepot_run):
 
 def test_quality_bounds(homedepot_run):
     m = homedepot_run["metrics"]
-    assert m["ndcg@10"] > 0.25, m
-    assert m["recall@100"] > 0.6, m
+    print({k: m[k] for k in ("ndcg@10", "recall@100", "queries", "queries_relevant")})
+    assert m["ndcg@10"] > 0.35, m
+    assert m["recall@100"] > 0.75, m
