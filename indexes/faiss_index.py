@@ -2,25 +2,113 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-import faiss
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from pipeline.artifacts import MANIFEST, read_manifest, sha256_file, verify_files, write_json_atomic
 from pipeline.errors import ArtifactError, ConfigError, DataError, DeviceError
 
-__all__ = ["FaissIndex", "INDEX_FILE", "IDS_FILE"]
+__all__ = ["FaissIndex", "INDEX_FILE", "IDS_FILE", "GPU_MAX_K", "gpu_search_fallback", "faiss_has_gpu",
+           "installed_faiss_distributions", "check_faiss_distributions"]
+
+log = logging.getLogger(__name__)
+
+
+def installed_faiss_distributions(paths: Iterable[str] | None = None) -> list[str]:
+    """Names of the installed faiss wheels (``faiss-cpu``, ``faiss-gpu-cu12`` ...) on ``paths``
+    (``sys.path`` by default), read from their ``.dist-info``/``.egg-info`` folder names."""
+    found = set()
+    for entry in sys.path if paths is None else paths:
+        folder = Path(entry or ".")
+        if not folder.is_dir():
+            continue
+        for meta in folder.glob("faiss*-info"):
+            name = meta.name.removesuffix(".dist-info").removesuffix(".egg-info").split("-")[0]
+            found.add(name.replace("_", "-").lower())
+    return sorted(found)
+
+
+def check_faiss_distributions(names: Iterable[str]) -> None:
+    """Refuse two faiss wheels installed side by side (a CPU and a GPU one, or two GPU flavours).
+
+    ``faiss-cpu`` and ``faiss-gpu*`` all install the same ``faiss`` module, so whichever was
+    installed last has overwritten parts of the other and the result is neither. pip cannot
+    declare that two extras conflict (``funnel-rank[cpu]`` vs ``funnel-rank[gpu]``), so this
+    runs before faiss is imported and raises :class:`DeviceError` saying how to repair it.
+    """
+    wheels = sorted({n for n in names if n == "faiss" or n.startswith(("faiss-cpu", "faiss-gpu"))})
+    if len(wheels) > 1:
+        raise DeviceError(
+            f"{' and '.join(wheels)} are all installed; they ship the same 'faiss' module and overwrite each "
+            f"other. Keep one: `pip uninstall -y {' '.join(wheels)}` then `pip install 'funnel-rank[gpu]'` "
+            "(or 'funnel-rank[cpu]' on a machine without CUDA)"
+        )
+
+
+# before `import faiss`: with both wheels installed, importing it may crash instead of failing clearly
+check_faiss_distributions(installed_faiss_distributions())
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from pipeline.artifacts import MANIFEST, read_manifest, sha256_file, verify_files, write_json_atomic  # noqa: E402
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 WHAT = "faiss index"
+#: faiss-gpu's largest k, and largest IVF nprobe, per query (GPU_MAX_SELECTION_K without cuVS)
+GPU_MAX_K = 2048
+#: CAGRA's default search breadth (itopk_size); it must be at least k
+CAGRA_ITOPK = 64
+
+
+def gpu_search_fallback(k: int, *, nprobe: int | None = None, ef_search: int | None = None, gpu_kind: str = "flat",
+                        max_k: int = GPU_MAX_K) -> str | None:
+    """Why a search must run on the CPU copy of an index cloned to the GPU; ``None`` when the GPU can.
+
+    faiss-gpu selects at most ``max_k`` results per query (2048 for the GPU indexes without
+    cuVS; more with some cuVS indexes, but 2048 is the limit every build honours) and visits at
+    most as many IVF lists; ``ef_search`` tunes a CPU HNSW graph (or an HNSW coarse quantizer),
+    which the GPU copy only keeps as such when it is a GPU HNSW or CAGRA index (``gpu_kind``
+    ``"hnsw"``/``"cagra"``). Beyond those limits the CPU index answers, with the same results it
+    gives on a CPU-only machine.
+    """
+    if k > max_k:
+        return f"k={k} exceeds faiss-gpu's limit of {max_k} results per query"
+    if nprobe is not None and nprobe > max_k:
+        return f"nprobe={nprobe} exceeds faiss-gpu's limit of {max_k} IVF lists per query"
+    if ef_search is not None and gpu_kind not in ("hnsw", "cagra"):
+        return f"ef_search={ef_search} tunes an HNSW graph that the GPU copy ({gpu_kind}) does not have"
+    return None
+
+
+def faiss_has_gpu() -> bool:
+    """True when the installed faiss was built with GPU support (faiss-gpu, not faiss-cpu)."""
+    return hasattr(faiss, "StandardGpuResources")
+
+
+def _gpu_kind(index: Any) -> str:
+    """``"cagra"``, ``"hnsw"``, ``"ivf"`` or ``"flat"``: what a GPU index is, from its class."""
+    try:
+        name = type(faiss.downcast_index(index)).__name__
+    except (RuntimeError, TypeError):
+        name = type(index).__name__
+    for key in ("cagra", "hnsw", "ivf"):
+        if key in name.lower():
+            return key
+    return "flat"
+
+
+def _is_tensor(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr")
 
 
 def _as_matrix(x: np.ndarray, what: str) -> np.ndarray:
@@ -59,6 +147,8 @@ class FaissIndex:
         self._cpu_index = index
         self._index = index
         self._gpu_resources = None
+        self._gpu_device = None
+        self._gpu_kind = None
         self.ids = ids
         self._factory = factory
         self._metric = metric
@@ -106,6 +196,9 @@ class FaissIndex:
         if normalize:
             x = x.copy()
             faiss.normalize_L2(x)
+        if factory.upper().startswith("CAGRA"):
+            index = _build_cagra(x, factory, metric)
+            return cls(index, item_ids, factory=factory, metric=metric, normalize=normalize, encoder=encoder)
         try:
             index = faiss.index_factory(x.shape[1], factory, METRICS[metric])
         except RuntimeError as exc:
@@ -205,8 +298,14 @@ class FaissIndex:
     # -- devices ------------------------------------------------------------------------------
 
     def to_gpu(self, device: int = 0) -> "FaissIndex":
-        """A copy searching on GPU ``device``; needs faiss built with GPU support (faiss-gpu)."""
-        if not hasattr(faiss, "StandardGpuResources"):
+        """A copy searching on GPU ``device``; needs faiss built with GPU support (faiss-gpu).
+
+        Flat and IVF indexes move as they are; HNSW ones where the installed faiss has a GPU HNSW
+        index, and CAGRA ones (built by :meth:`build` with factory ``"CAGRA"``) as cuVS CAGRA
+        graphs. The CPU index is kept beside the GPU copy: searches beyond faiss-gpu's limits
+        (:func:`gpu_search_fallback`) run on it, with a logged reason.
+        """
+        if not faiss_has_gpu():
             raise DeviceError(
                 "faiss was installed without GPU support; install funnel-rank[gpu] (faiss-gpu-cu12) "
                 "instead of funnel-rank[cpu], or run this stage with device='cpu'"
@@ -223,7 +322,8 @@ class FaissIndex:
             self._cpu_index, self.ids, factory=self._factory, metric=self._metric,
             normalize=self.normalize, encoder=self._encoder, location=self.location,
         )
-        new._index, new._gpu_resources = gpu_index, resources
+        new._index, new._gpu_resources, new._gpu_device = gpu_index, resources, device
+        new._gpu_kind = _gpu_kind(gpu_index)
         return new
 
     @property
@@ -234,7 +334,7 @@ class FaissIndex:
 
     def search(
         self,
-        queries: np.ndarray,
+        queries: Any,
         k: int,
         *,
         nprobe: int | None = None,
@@ -244,16 +344,80 @@ class FaissIndex:
 
         Scores are FAISS's: inner products for ``"ip"``, squared distances for ``"l2"``. A
         position of -1 (score ±FLT_MAX) means fewer than ``k`` items were found. ``nprobe`` sets
-        the lists an IVF index visits, ``ef_search`` the HNSW search breadth.
+        the lists an IVF index visits, ``ef_search`` the HNSW (or CAGRA) search breadth.
+
+        ``queries`` is a float matrix: a NumPy array, or a torch tensor on any device. A CUDA
+        tensor is searched where it lies when the index is on the GPU (no copy through host
+        memory; faiss-gpu reads device pointers). ``faiss.contrib.torch_utils`` is deliberately
+        not used: importing it patches every faiss index class so that ``search`` no longer
+        accepts ``params=``, for the whole process.
         """
+        k = int(k)
+        if _is_tensor(queries):
+            return self._search_tensor(queries, k, nprobe, ef_search)
         q = _as_matrix(queries, "queries")
         if q.shape[1] != self.dim:
             raise DataError(f"{WHAT} at {self.location} has dimension {self.dim}; the queries have {q.shape[1]}")
         if self.normalize:
             q = q.copy()
             faiss.normalize_L2(q)
-        scores, positions = self._index.search(q, int(k), params=self._search_params(nprobe, ef_search))
+        index, params = self._placement(k, nprobe, ef_search)
+        scores, positions = index.search(q, k, params=params)
         return scores.astype(np.float32, copy=False), positions.astype(np.int64, copy=False)
+
+    def _placement(self, k: int, nprobe: int | None, ef_search: int | None):
+        """``(index, search parameters)``: the GPU copy when it can run the search, else the CPU index."""
+        cpu_params = self._search_params(nprobe, ef_search)
+        if not self.on_gpu:
+            return self._cpu_index, cpu_params
+        reason = gpu_search_fallback(k, nprobe=nprobe, ef_search=ef_search, gpu_kind=self._gpu_kind)
+        if reason is not None:
+            seen = self.__dict__.setdefault("_gpu_fallbacks", set())
+            if reason not in seen:
+                seen.add(reason)
+                log.warning("%s at %s: searching on the CPU instead of the GPU: %s", WHAT, self.location, reason)
+            return self._cpu_index, cpu_params
+        return self._index, self._gpu_params(k, nprobe, ef_search)
+
+    def _gpu_params(self, k: int, nprobe: int | None, ef_search: int | None):
+        if self._gpu_kind == "ivf" and nprobe is not None:
+            return faiss.SearchParametersIVF(nprobe=int(nprobe))
+        if self._gpu_kind == "hnsw" and ef_search is not None:
+            params = faiss.SearchParametersGpuHNSW()
+            params.ef = int(ef_search)
+            return params
+        if self._gpu_kind == "cagra" and (ef_search is not None or k > CAGRA_ITOPK):
+            params = faiss.SearchParametersCagra()
+            params.itopk_size = max(int(ef_search or CAGRA_ITOPK), k)
+            return params
+        return None
+
+    def _search_tensor(self, x: Any, k: int, nprobe: int | None,
+                       ef_search: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` for a torch tensor, through faiss's pointer API on the tensor's memory."""
+        import torch
+
+        if x.ndim != 2:
+            raise DataError(f"queries must be a 2-d tensor (rows, dimension); got shape {tuple(x.shape)}")
+        if x.shape[1] != self.dim:
+            raise DataError(f"{WHAT} at {self.location} has dimension {self.dim}; the queries have {x.shape[1]}")
+        index, params = self._placement(k, nprobe, ef_search)
+        on_gpu = index is not self._cpu_index
+        device = torch.device("cuda", self._gpu_device) if on_gpu else torch.device("cpu")
+        x = x.detach().to(device=device, dtype=torch.float32).contiguous()
+        if self.normalize:
+            x = torch.nn.functional.normalize(x, dim=1)
+        n = x.shape[0]
+        scores = torch.empty((n, k), dtype=torch.float32, device=device)
+        positions = torch.empty((n, k), dtype=torch.int64, device=device)
+        if on_gpu:
+            torch.cuda.synchronize(device)  # faiss runs on its own stream: the queries must be written
+        index.search_c(n, faiss.cast_integer_to_float_ptr(x.data_ptr()), k,
+                       faiss.cast_integer_to_float_ptr(scores.data_ptr()),
+                       faiss.cast_integer_to_idx_t_ptr(positions.data_ptr()), params)
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        return scores.cpu().numpy(), positions.cpu().numpy()
 
     def _search_params(self, nprobe: int | None, ef_search: int | None):
         if nprobe is None and ef_search is None:
@@ -277,6 +441,41 @@ class FaissIndex:
         """Item ids at ``positions`` (flattened); -1 gives null."""
         flat = np.asarray(positions, dtype=np.int64).ravel()
         return self.ids.take(pa.array(flat, mask=flat < 0))
+
+    def positions_for(self, item_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Row positions of ``item_ids`` in the index (int64); -1 for an id it does not hold."""
+        if isinstance(item_ids, pa.ChunkedArray):
+            item_ids = item_ids.combine_chunks()
+        if item_ids.type != self.ids.type:
+            try:
+                item_ids = pc.cast(item_ids, self.ids.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise DataError(f"{WHAT} at {self.location} holds {self.ids.type} item ids; "
+                                f"got {item_ids.type} ids that do not convert ({exc})") from exc
+        found = pc.index_in(item_ids, value_set=self.ids)
+        return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def vectors(self, positions: np.ndarray) -> np.ndarray:
+        """The stored vectors at ``positions``, ``(n, dim)`` float32; a row of zeros for -1.
+
+        Read back from the CPU index (``reconstruct_batch``): exact for Flat, HNSW and IVF-Flat
+        indexes (normalised when the index normalises), approximate for compressed ones (PQ, SQ).
+        """
+        flat = np.asarray(positions, dtype=np.int64).ravel()
+        out = np.zeros((len(flat), self.dim), np.float32)
+        keep = flat >= 0
+        if keep.any():
+            keys = np.ascontiguousarray(flat[keep])
+            try:
+                out[keep] = self._cpu_index.reconstruct_batch(keys)
+            except RuntimeError:
+                ivf = faiss.try_extract_index_ivf(self._cpu_index)
+                if ivf is None:
+                    raise ArtifactError(f"{WHAT} at {self.location} ({self._factory!r}) cannot return its "
+                                        "vectors") from None
+                ivf.make_direct_map()
+                out[keep] = self._cpu_index.reconstruct_batch(keys)
+        return out
 
     # -- facts --------------------------------------------------------------------------------
 
@@ -304,8 +503,36 @@ class FaissIndex:
         return self.ntotal
 
     def __repr__(self) -> str:
-        gpu = ", gpu" if self.on_gpu else ""
+        gpu = f", gpu {self._gpu_kind}" if self.on_gpu else ""
         return f"FaissIndex({self._factory!r}, metric={self._metric!r}, dim={self.dim}, ntotal={self.ntotal}{gpu})"
+
+
+def _build_cagra(x: np.ndarray, factory: str, metric: str) -> faiss.Index:
+    """A CAGRA graph built on the GPU by cuVS, returned as its CPU form (``IndexHNSWCagra``).
+
+    ``factory`` is ``"CAGRA"`` or ``"CAGRA<graph degree>"`` (``"CAGRA32"``). The CPU form is
+    saved like any index; :meth:`FaissIndex.to_gpu` turns it back into a GPU CAGRA index, and
+    a CPU-only machine searches it as an HNSW graph (base level only).
+    """
+    match = re.fullmatch(r"CAGRA(\d*)", factory.upper())
+    if match is None:
+        raise ConfigError(f"{WHAT}: factory {factory!r} must be 'CAGRA' or 'CAGRA<graph degree>' such as 'CAGRA32'")
+    if not hasattr(faiss, "GpuIndexCagra"):
+        raise ConfigError(f"{WHAT}: factory {factory!r} needs faiss built with cuVS (faiss-gpu-cuvs) and a CUDA "
+                          "device; install funnel-rank[gpu], or use 'HNSW32' on the CPU")
+    if faiss.get_num_gpus() < 1:
+        raise DeviceError(f"{WHAT}: factory {factory!r} builds on a GPU, and faiss sees none")
+    config = faiss.GpuIndexCagraConfig()
+    if match.group(1):
+        config.graph_degree = int(match.group(1))
+        config.intermediate_graph_degree = 2 * int(match.group(1))
+    resources = faiss.StandardGpuResources()
+    gpu_index = faiss.GpuIndexCagra(resources, x.shape[1], METRICS[metric], config)
+    try:
+        gpu_index.train(x)
+    except RuntimeError as exc:
+        raise DataError(f"{WHAT}: building {factory!r} on {len(x)} vectors failed ({_reason(exc)})") from exc
+    return faiss.index_gpu_to_cpu(gpu_index)
 
 
 def _temp_path(folder: Path, name: str) -> Path:

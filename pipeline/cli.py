@@ -1,7 +1,8 @@
 """The ``funnel`` command line.
 
 Every command prints one ``funnel: error: ...`` line and exits with status 2 on bad input
-(no traceback unless ``--debug``).
+(no traceback unless ``--debug``). ``funnel validate`` also exits 3 (warn) or 4 (fail) when the
+data it checks exceeds a limit.
 """
 
 from __future__ import annotations
@@ -24,15 +25,24 @@ class _Group(click.Group):
         except FunnelError as exc:
             if (ctx.obj or {}).get("debug"):
                 raise
-            click.echo(f"funnel: error: {exc}", err=True)
+            click.echo(f"funnel: error: {_one_line(exc)}", err=True)
             sys.exit(2)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:  # an unexpected failure: one line, the traceback with --debug
             if (ctx.obj or {}).get("debug"):
                 raise
-            click.echo(f"funnel: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+            click.echo(f"funnel: error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)", err=True)
             sys.exit(1)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (library errors quoted inside ours may span several).
+
+    Flushes stdout first, so the error is the last line even when stdout is a buffered pipe.
+    """
+    sys.stdout.flush()
+    return " ".join(str(exc).split())
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,19 +68,44 @@ def _with_device(pipe, device: str | None):
     return Pipeline(stages, inputs=pipe.inputs)
 
 
+VERSION_HELP = ("Artifact version: replaces {version} in the config's artifact paths (default: [pipeline] version). "
+                "Earlier versions stay on disk, so running with an older one rolls back.")
+
+
+def _load(config: Path, version: str | None = None, logs: Path | None = None):
+    """CONFIG with --version and --logs applied."""
+    from .config import load_config
+
+    cfg = load_config(config)
+    if version is not None:
+        if not cfg.uses_version():
+            raise click.UsageError(f"--version needs artifact paths containing {{version}} in {config}")
+        cfg.version = version
+    if logs is not None:
+        if not logs.exists():
+            raise click.UsageError(f"--logs: file {logs} does not exist")
+        cfg.data["logs"] = str(logs.resolve())
+    return cfg
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Rebuild every artifact even when its inputs are unchanged.")
+@click.option("--logs", type=click.Path(dir_okay=False, path_type=Path),
+              help="Interaction logs (user_id, items) to learn from instead of [data] logs: new interactions "
+                   "rebuild the association index, popularity and ranker.")
+@click.option("--version", "version", help=VERSION_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def build(config: Path, force: bool, quiet: bool) -> None:
+def build(config: Path, force: bool, logs: Path | None, version: str | None, quiet: bool) -> None:
     """Build every artifact CONFIG needs (item snapshot, embeddings + index, trained ranker).
 
-    Idempotent: artifacts whose inputs and parameters are unchanged are kept.
+    Idempotent: artifacts whose inputs and parameters are unchanged are kept. With artifact
+    paths containing {version}, `--logs NEW.parquet --version v2` builds a new version from new
+    interactions next to the old one; `funnel run --version v2` uses it, `--version v1` rolls back.
     """
     from .build import build_artifacts
-    from .config import load_config
 
-    build_artifacts(load_config(config), force=force, progress=not quiet)
+    build_artifacts(_load(config, version, logs), force=force, progress=not quiet)
 
 
 @main.group()
@@ -81,20 +116,76 @@ def train() -> None:
 @train.command("ranker")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Retrain even when judgments and upstream are unchanged.")
+@click.option("--version", "version", help=VERSION_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_ranker(config: Path, force: bool, quiet: bool) -> None:
+def train_ranker(config: Path, force: bool, version: str | None, quiet: bool) -> None:
     """Train the LightGBM ranker of CONFIG from its [data] judgments (split by query).
 
     Artifacts the ranker depends on (index, item snapshot) are built first if needed.
     """
     from .build import build_artifacts
-    from .config import load_config
 
-    cfg = load_config(config)
+    cfg = _load(config, version)
     if not any(s.name.startswith("rank.") for s in cfg.build().stages):
         raise click.UsageError(f"{config} has no rank.* stage")
     build_artifacts(cfg, progress=not quiet, only=lambda s: not s.name.startswith("rank."))
     build_artifacts(cfg, force=force, progress=not quiet, only=lambda s: s.name.startswith("rank."))
+
+
+@train.command("encoder")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="New model folder (must not exist). Default: artifacts/encoder/vN next to CONFIG (N: next version).")
+@click.option("--epochs", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Epochs over the training pairs (fractions allowed); early stopping may end sooner.")
+@click.option("--device", type=DEVICE_CHOICE, help="Training device (default: the encode stage's `device`).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=2),
+              help="Pairs per batch; every other pair's item is an in-batch negative.")
+@click.option("--lr", "learning_rate", default=5e-5, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Peak learning rate (AdamW, linear warm-up over 10% of the steps).")
+@click.option("--max-seq-length", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per text while training; saved with the model.")
+@click.option("--max-pairs", type=click.IntRange(min=2), help="Train on a random sample of this many pairs.")
+@click.option("--min-positive", default=2.33, show_default=True,
+              help="Judged relevance at or above which an item is a positive.")
+@click.option("--mine-depth", default=50, show_default=True, type=click.IntRange(min=0),
+              help="Base-model hits per query to mine hard negatives from when none is judged (0: no mining).")
+@click.option("--valid-fraction", default=0.1, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Share of the training queries kept aside for validation (split by query-id hash).")
+@click.option("--val-items", default=10_000, show_default=True, type=click.IntRange(min=0),
+              help="Catalog items retrieved over for validation (judged ones always in; 0 = the whole catalog).")
+@click.option("--evals-per-epoch", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Validation runs per epoch (each one a checkpoint candidate).")
+@click.option("--patience", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Stop after this many validations without a better NDCG@10.")
+@click.option("--seed", default=0, show_default=True, help="Seed of sampling and training.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_encoder(config: Path, out: Path | None, epochs: float, device: str | None, batch_size: int,
+                  learning_rate: float, max_seq_length: int, max_pairs: int | None, min_positive: float,
+                  mine_depth: int, valid_fraction: float, val_items: int, evals_per_epoch: int, patience: int,
+                  seed: int, quiet: bool) -> None:
+    """Fine-tune the sentence-transformers encoder of CONFIG on its [data] judgments and catalog.
+
+    Contrastive training (MultipleNegativesRankingLoss: in-batch negatives plus one hard negative
+    per pair, judged-irrelevant items first, then items mined with the base model) on the
+    queries the ranker does not hold out; a validation split of them picks the best checkpoint
+    by retrieval NDCG@10. Writes a new versioned folder (safetensors + manifest.json); use it
+    with `model = "artifacts/encoder/vN"` in the encode stage (and a new index folder).
+    Needs the `train` extra (datasets, accelerate).
+    """
+    from .config import load_config
+    from .train_encoder import train_encoder as train
+
+    cfg = load_config(config)
+    result = train(cfg, out=out, epochs=epochs, device=device, batch_size=batch_size, learning_rate=learning_rate,
+                   max_seq_length=max_seq_length, max_pairs=max_pairs, min_positive=min_positive,
+                   mine_depth=mine_depth, valid_fraction=valid_fraction, val_items=val_items or None,
+                   evals_per_epoch=evals_per_epoch, patience=patience, seed=seed, progress=not quiet, log=click.echo)
+    base = (cfg.base_dir or Path.cwd()).resolve()
+    shown = result.folder.relative_to(base) if base in result.folder.parents else result.folder
+    click.echo(f"validation NDCG@10 {result.base_val_ndcg:.4f} (base) -> {result.val_ndcg:.4f}; "
+               f"{result.minutes_per_epoch:.1f} min/epoch\nuse it in the encode stage: model = \"{shown}\"")
 
 
 @main.command()
@@ -102,37 +193,96 @@ def train_ranker(config: Path, force: bool, quiet: bool) -> None:
 @click.option("--queries", "-q", required=True, type=click.Path(path_type=Path),
               help="Parquet file or folder of shards with query_id and query (or history).")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Output: a .parquet file, or a folder that receives part-00000.parquet.")
+              help="Output: a .parquet file, or a folder that receives shards part-00000.parquet, part-00001...")
 @click.option("--top", type=click.IntRange(min=1), help="Candidates per query to write (overrides the display stage).")
 @click.option("--device", type=DEVICE_CHOICE, help="Device for every stage that has a `device` parameter.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Queries per batch (default: config's or 256).")
 @click.option("--strict", is_flag=True, help="Fail on the first row a stage cannot process instead of quarantining it.")
+@click.option("--explain", type=click.IntRange(min=1), is_flag=False, flag_value=5, default=None,
+              help="Add an `explanation` column: the N (default 5) features that moved each item's ranker score "
+                   "most, plus the rest and bias (LightGBM TreeSHAP; costs about one more scoring pass per tree level).")
+@click.option("--shard-rows", type=click.IntRange(min=1),
+              help="Queries per output shard and unit of resumption (default 50000 locally, 16 batches on Ray; "
+                   "rounded up to whole batches).")
+@click.option("--overwrite", is_flag=True, help="Discard a finished or unfinished earlier run into OUT and start over.")
+@click.option("--lock", "lock", type=click.Path(dir_okay=False, path_type=Path),
+              help="A lock file of an earlier run (OUT/_funnel.lock.json or x.lock.json): refuse to run unless the "
+                   "pipeline, its artifacts and the library versions match it.")
+@click.option("--skip-bad-shards", is_flag=True,
+              help="Skip query shards that are not readable Parquet or lack needed columns; list them in the "
+                   "quarantine file instead of failing.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process, resumable. ray: Ray Data actors (pip install 'funnel-rank[ray]').")
+@click.option("--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local Ray.")
+@click.option("--actors", type=click.IntRange(min=1), help="Ray engine: pipeline actors (default: one per GPU when stages run on CUDA, else one per CPU "
+                   "of the cluster but one, at least 1).")
+@click.option("--version", "version", help=VERSION_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(config: Path, queries: Path, out: Path, top: int | None, device: str | None, batch_size: int | None,
-        strict: bool, quiet: bool) -> None:
+        strict: bool, explain: int | None, shard_rows: int | None, overwrite: bool, lock: Path | None,
+        skip_bad_shards: bool, engine: str, address: str | None, actors: int | None, version: str | None,
+        quiet: bool) -> None:
     """Batch candidate generation: run CONFIG over every query and write ranked candidates.
 
     OUT has one row per shown candidate: query_id, item_id, rank (1-based), score, plus
-    provenance columns (source, recall_score, recall_rank, ...).
-    """
-    from .config import load_config
-    from .runner import run_to_parquet
+    provenance columns (source, recall_score, recall_rank, ...). OUT is a folder of shards
+    (part-NNNNN.parquet) or one .parquet file; a lock file (resolved config, artifact hashes,
+    library versions) is written next to it when the run completes.
 
-    cfg = load_config(config)
+    Resumable: rerun the same command after a crash or kill to continue where it stopped; a
+    finished run is not redone (--overwrite to force); a changed config, artifact or input
+    refuses to resume into the old output.
+    """
+    if engine == "local" and (address is not None or actors is not None):
+        raise click.UsageError("--address and --actors need --engine ray")
+    cfg = _load(config, version)
     pipe = _with_device(cfg.build(), device)
     if top is not None:
         pipe = pipe.with_top(top)
-    summary = run_to_parquet(pipe, queries, out, batch_size=batch_size or cfg.batch_size or 256, progress=not quiet,
-                             strict=strict)
-    click.echo(f"wrote {summary.rows} rows for {summary.queries} queries to {summary.out} "
-               f"in {summary.seconds:.1f} s ({summary.queries / max(summary.seconds, 1e-9):.1f} queries/s)")
+    if explain is not None:
+        pipe = _with_explain(pipe, explain)
+    common = dict(batch_size=batch_size or cfg.batch_size or 256, progress=not quiet, strict=strict,
+                  shard_rows=shard_rows, overwrite=overwrite, skip_bad_shards=skip_bad_shards, lock=lock,
+                  name=cfg.name, inputs=cfg.inputs)
+    if engine == "ray":
+        from .ray_engine import run_on_ray
+
+        summary = run_on_ray(pipe, queries, out, address=address, actors=actors, **common)
+    else:
+        from .runner import run_to_parquet
+
+        summary = run_to_parquet(pipe, queries, out, **common)
+    if summary.skipped:
+        click.echo(f"{summary.out} is complete ({summary.rows} rows for {summary.queries} queries, lock "
+                   f"{summary.lock}); nothing to do (--overwrite to run again)")
+        return
+    resumed = f", resumed after {summary.resumed_units} of {summary.units} shards" if summary.resumed_units else ""
+    click.echo(f"wrote {summary.rows} rows for {summary.queries} queries to {summary.out} with the {summary.engine} "
+               f"engine in {summary.seconds:.1f} s ({summary.processed / max(summary.seconds, 1e-9):.1f} queries/s"
+               f"{resumed}); lock: {summary.lock}")
     if summary.quarantined:
         click.echo(f"quarantined {summary.quarantined} row(s) that could not be processed: {summary.quarantine}")
-    click.echo(_stage_table(summary.stages))
+    if summary.bad_shards:
+        click.echo(f"skipped {len(summary.bad_shards)} bad query shard(s), listed in {summary.quarantine}: "
+                   + "; ".join(summary.bad_shards))
+    if summary.stages:
+        click.echo(_stage_table(summary.stages))
+
+
+def _with_explain(pipe, n: int):
+    from .stage import Pipeline
+
+    if not any("explain" in s.get_params() for s in pipe.stages):
+        raise click.UsageError("--explain needs a stage with an `explain` parameter (rank.lightgbm) in the pipeline")
+    return Pipeline([s.clone(explain=n) if "explain" in s.get_params() else s for s in pipe.stages], inputs=pipe.inputs)
 
 
 @main.command("eval")
-@click.option("--run", "run_path", required=True, type=click.Path(path_type=Path), help="Output of `funnel run`.")
+@click.option("--run", "run_path", type=click.Path(path_type=Path), help="Output of `funnel run`.")
+@click.option("--funnel", "funnel_config", type=click.Path(dir_okay=False, path_type=Path),
+              help="Instead of --run: run this CONFIG on --queries and report recall after every stage, which "
+                   "stage lost each relevant item, and recall by query rarity (long tail).")
+@click.option("--queries", "-q", type=click.Path(path_type=Path), help="Queries for --funnel (Parquet file or folder).")
 @click.option("--judgments", "-j", required=True, type=click.Path(path_type=Path),
               help="Parquet with query_id, item_id (or product_id), relevance.")
 @click.option("--k", "ks", multiple=True, type=click.IntRange(min=1), default=(10, 100), show_default=True,
@@ -141,11 +291,26 @@ def run(config: Path, queries: Path, out: Path, top: int | None, device: str | N
               help="Relevance at or above which a judged item counts as relevant (recall, MRR, MAP).")
 @click.option("--gain-offset", default=1.0, show_default=True, help="NDCG gain = relevance - offset.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the metrics as JSON.")
-def eval_(run_path: Path, judgments: Path, ks: tuple[int, ...], relevant_threshold: float, gain_offset: float,
-          json_out: Path | None) -> None:
-    """NDCG@k, Recall@k, Precision@k, MRR and MAP of a run against graded judgments."""
+@click.option("--quiet", is_flag=True, help="No progress bar (--funnel).")
+def eval_(run_path: Path | None, funnel_config: Path | None, queries: Path | None, judgments: Path,
+          ks: tuple[int, ...], relevant_threshold: float, gain_offset: float, json_out: Path | None,
+          quiet: bool) -> None:
+    """NDCG@k, Recall@k, Precision@k, MRR and MAP of a run against graded judgments.
+
+    With --funnel CONFIG --queries Q: a per-stage recall funnel instead (see pipeline/funnel_eval.py):
+    recall@k after each stage, every lost relevant item blamed on a stage (not retrieved, filtered,
+    ranked below the cut), and recall per quartile of the queries' rarest-term catalog frequency.
+    """
     from .data import open_dataset, read_parquet
     from .metrics import evaluate
+
+    if (run_path is None) == (funnel_config is None):
+        raise click.UsageError("give exactly one of --run RUN and --funnel CONFIG")
+    if funnel_config is not None:
+        if queries is None:
+            raise click.UsageError("--funnel needs --queries")
+        _funnel(funnel_config, queries, judgments, ks, relevant_threshold, json_out, quiet)
+        return
 
     run_table = open_dataset(run_path).to_table()
     order = "score"
@@ -159,6 +324,85 @@ def eval_(run_path: Path, judgments: Path, ks: tuple[int, ...], relevant_thresho
         click.echo(f"{name:>16}  {value:.4f}" if isinstance(value, float) else f"{name:>16}  {value}")
     if json_out:
         json_out.write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def _funnel(config: Path, queries: Path, judgments: Path, ks: tuple[int, ...], relevant_threshold: float,
+            json_out: Path | None, quiet: bool) -> None:
+    import pyarrow.parquet as pq
+
+    from .config import load_config
+    from .funnel_eval import funnel_eval
+
+    cfg = load_config(config)
+    titles = None  # the long-tail view needs the catalog's titles
+    if "catalog" in cfg.data and cfg.data_path("catalog").exists():
+        path = cfg.data_path("catalog")
+        if "title" in pq.read_schema(path).names:
+            titles = pq.read_table(path, columns=["title"]).column("title").to_pylist()
+    report = funnel_eval(cfg.build(), queries, judgments, ks=ks, relevant_threshold=relevant_threshold,
+                         batch_size=cfg.batch_size or 256, progress=not quiet, catalog_texts=titles)
+    click.echo(report.to_text())
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+
+
+class _ValidateCommand(click.Command):
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from .validate import describe_thresholds
+
+        with formatter.section("Checks (name, default limits, what it measures)"):
+            formatter.write_text("\b\n" + describe_thresholds())
+        formatter.write_paragraph()
+        formatter.write_text("Exit codes: 0 pass, 3 warn, 4 fail (a limit exceeded), 2 the file could not be "
+                             "checked (missing, not Parquet, unknown kind, bad thresholds), 1 an unexpected error.")
+
+
+@main.command(cls=_ValidateCommand)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--kind", type=click.Choice(["auto", "catalog", "judgments", "interactions", "sequences"]),
+              default="auto", show_default=True, help="What PATH holds; auto guesses from its columns.")
+@click.option("--items", "--catalog", "items", type=click.Path(dir_okay=True, path_type=Path),
+              help="Catalog (item_id or product_id) that judgments, interactions or sequences must refer to.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for report.json, report.md and PNG plots.")
+@click.option("--thresholds", type=click.Path(dir_okay=False, path_type=Path),
+              help="TOML file of limits, one table per check: [null_share] warn = 0.3, fail = 0.9 (false: off).")
+@click.option("--max-null-share", type=click.FloatRange(0, 1), help="Fail when a column has more nulls than this share.")
+@click.option("--max-duplicate-share", type=click.FloatRange(0, 1),
+              help="Fail above this share of repeated ids (catalog, sequences) or repeated rows (judgments, interactions).")
+@click.option("--max-near-duplicate-share", type=click.FloatRange(0, 1), help="Fail above this share of near-duplicate titles.")
+@click.option("--max-outlier-share", type=click.FloatRange(0, 1), help="Fail above this share of outliers in a numeric column.")
+@click.option("--max-encoding-share", type=click.FloatRange(0, 1), help="Fail above this share of badly encoded text values.")
+@click.option("--max-unknown-share", type=click.FloatRange(0, 1), help="Fail above this share of references to unknown items.")
+@click.option("--max-no-relevant-share", type=click.FloatRange(0, 1), help="Fail above this share of queries with no relevant item.")
+@click.option("--max-imbalance", type=click.FloatRange(min=1), help="Fail above this relevant/not-relevant count ratio.")
+@click.option("--relevant-threshold", default=2.67, show_default=True, help="Relevance at or above which a judgment is relevant.")
+@click.option("--all", "all_checks", is_flag=True, help="List every check, not only those that warn or fail.")
+@click.pass_context
+def validate(ctx: click.Context, path: Path, kind: str, items: Path | None, report_dir: Path | None,
+             thresholds: Path | None, max_null_share, max_duplicate_share, max_near_duplicate_share, max_outlier_share,
+             max_encoding_share, max_unknown_share, max_no_relevant_share, max_imbalance, relevant_threshold: float,
+             all_checks: bool) -> None:
+    """Data-quality report on a catalog, judgments, interactions or sequences (Parquet file or folder).
+
+    Checks nulls, duplicate and near-duplicate records, outliers, text encoding, mixed units,
+    labels and unknown item ids, prints a summary and (with --report) writes JSON, Markdown and
+    plots. Each check has a warn and a fail limit (listed below); --max-* options set fail limits.
+    """
+    from .validate import DEFAULT_THRESHOLDS, load_thresholds, validate_file, with_fail_limits
+
+    limits = load_thresholds(thresholds) if thresholds else dict(DEFAULT_THRESHOLDS)
+    limits = with_fail_limits(
+        limits, null_share=max_null_share, duplicate_id_share=max_duplicate_share, duplicate_row_share=max_duplicate_share,
+        near_duplicate_title_share=max_near_duplicate_share, outlier_share=max_outlier_share,
+        encoding_share=max_encoding_share, unknown_item_share=max_unknown_share,
+        no_relevant_query_share=max_no_relevant_share, label_imbalance=max_imbalance)
+    report = validate_file(path, kind, items=items, thresholds=limits, relevant_threshold=relevant_threshold)
+    click.echo(report.summary(all_checks=all_checks))
+    if report_dir is not None:
+        written = report.write(report_dir)
+        click.echo(f"report: {written[1]} ({len(written) - 2} plot(s), JSON in {written[0].name})")
+    ctx.exit(report.exit_code)
 
 
 @main.command()
@@ -180,18 +424,85 @@ def demo(workdir: Path, items: int, queries: int, seed: int, device: str | None,
     run_demo(workdir, n_items=items, n_queries=queries, seed=seed, device=device, progress=not quiet, echo=click.echo)
 
 
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--queries", "-q", required=True, type=click.Path(path_type=Path),
+              help="Parquet file or folder of shards with the pipeline's input columns (query_id, query ...).")
+@click.option("--judgments", "-j", type=click.Path(path_type=Path),
+              help="Graded judgments (query_id, item_id or product_id, relevance): adds recall@k per stage and NDCG.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for report.json, report.md and the PNG plots.")
+@click.option("--device", type=DEVICE_CHOICE, help="Device for every stage that has a `device` parameter.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed passes over the queries.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed passes first.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Queries per batch (default: config's or 256).")
+@click.option("--top", type=click.IntRange(min=1), help="Candidates shown per query (overrides the display stage).")
+@click.option("--max-queries", type=click.IntRange(min=1), help="Use only the first N queries.")
+@click.option("--bare/--no-bare", default=None,
+              help="Time benchmarks/bare_pipeline.py interleaved and report overhead_ratio "
+                   "[default: when the script is there and covers the config].")
+@click.option("--encoder-texts", default=2000, show_default=True, type=click.IntRange(min=0),
+              help="Texts per set (queries, item texts) for the encoder comparison; 0 skips it.")
+@click.option("--sweep", is_flag=True,
+              help="Also sweep index types and efSearch/nprobe, candidates k and batch size; Pareto plots.")
+@click.option("--ann-size", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also compare recall.faiss with faiss and hnswlib on N synthetic clustered vectors (0: off).")
+@click.option("--ann-dim", default=384, show_default=True, type=click.IntRange(min=2), help="Dimension of those vectors.")
+@click.option("--threads", type=click.IntRange(min=1), help="Pin torch and faiss to N threads (default: theirs).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def bench(config: Path, queries: Path, judgments: Path | None, out: Path, device: str | None, repeats: int, warmup: int,
+          batch_size: int | None, top: int | None, max_queries: int | None, bare: bool | None, encoder_texts: int,
+          sweep: bool, ann_size: int, ann_dim: int, threads: int | None, quiet: bool) -> None:
+    """Latency, throughput and recall of CONFIG per stage; overhead against the bare libraries.
+
+    Runs the pipeline over QUERIES with warm-up and repeated timed passes and writes
+    OUT/report.json, OUT/report.md and PNG plots: per stage rows in/out, p50/p95/p99 ms per batch
+    and per query, rows/s, recall@k against --judgments and, for FAISS stages, recall against
+    exact search; end to end queries/s, one-query latency, peak memory; the machine fingerprint.
+    The bare-library baseline and the encoder comparison run in the same process, interleaved.
+    Compare timings only within one report: other load on the machine shifts them all.
+    """
+    from .bench import BenchOptions, run_bench
+
+    options = BenchOptions(queries=queries, out=out, judgments=judgments, device=device, repeats=repeats,
+                           warmup=warmup, batch_size=batch_size, top=top, max_queries=max_queries, bare=bare,
+                           encoder_texts=encoder_texts, sweep=sweep, ann_size=ann_size, ann_dim=ann_dim,
+                           threads=threads, progress=not quiet)
+    report = run_bench(config, options, echo=click.echo)
+    e, o = report["end_to_end"], report.get("overhead") or {}
+    line = f"{e['queries']} queries: {e['queries_per_s']:.1f} queries/s, p50 {e['p50_ms']:.1f} ms per batch of {e['batch_size']}"
+    if o.get("overhead_ratio") is not None:
+        line += f"; overhead_ratio {o['overhead_ratio']:.3f} against the bare libraries"
+    click.echo(line)
+    click.echo(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report.get('plots', []))} plot(s)")
+
+
 @main.group()
 def stages() -> None:
     """Inspect the stage registry (built-in and plug-in stages)."""
 
 
 @stages.command("list")
-def stages_list() -> None:
-    """Registry key and implementing class of every installed stage."""
-    from .registry import available_stages
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def stages_list(as_json: bool) -> None:
+    """Every installed stage: registry key, class, package and version, devices, input and output columns.
 
-    for name, target in available_stages().items():
-        click.echo(f"{name:<32} {target}")
+    A plug-in whose class cannot be imported is listed with the reason below its row.
+    """
+    from .registry import format_stage_list
+
+    click.echo(format_stage_list(as_json=as_json))
+
+
+@stages.command("show")
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def stages_show(key: str, as_json: bool) -> None:
+    """Everything about stage KEY (e.g. filter.rules): package, devices, tags, docs, parameters
+    with types, defaults and constraints, and the columns it needs, adds and drops."""
+    from .registry import format_stage_details
+
+    click.echo(format_stage_details(key, as_json=as_json))
 
 
 @main.group()

@@ -31,7 +31,9 @@ paths in stage parameters must stay inside that folder (write an absolute path t
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +64,31 @@ TYPE_NAMES: dict[str, pa.DataType] = {
 _NAME_OF = {str(v): k for k, v in TYPE_NAMES.items() if k != "any"}
 
 _TOP_KEYS = {"pipeline", "data", "stages"}
-_PIPELINE_KEYS = {"name", "inputs", "batch_size"}
+_PIPELINE_KEYS = {"name", "inputs", "batch_size", "version"}
+#: ``{version}`` in a stage parameter is replaced by the config's version (``[pipeline] version``
+#: or ``--version``), so each build can write its artifacts to a folder of its own.
+VERSION_FIELD = "{version}"
+_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _uses_version(value: Any) -> bool:
+    if isinstance(value, str):
+        return VERSION_FIELD in value
+    if isinstance(value, dict):
+        return any(_uses_version(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_uses_version(v) for v in value)
+    return False
+
+
+def _fill_version(value: Any, version: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(VERSION_FIELD, version)
+    if isinstance(value, dict):
+        return {k: _fill_version(v, version) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_fill_version(v, version) for v in value]
+    return value
 
 
 def stage_from_spec(spec: dict[str, Any], *, index: int, base_dir: Path | None = None) -> Stage:
@@ -119,6 +145,7 @@ class PipelineConfig:
     data: dict[str, str] = field(default_factory=dict)
     batch_size: int | None = None
     base_dir: Path | None = None
+    version: str | None = None
 
     # -- objects -----------------------------------------------------------------------------
 
@@ -133,9 +160,28 @@ class PipelineConfig:
         return pa.schema(fields)
 
     def build(self) -> Pipeline:
-        """The :class:`Pipeline` this config describes (schemas checked, nothing loaded)."""
-        stages = [stage_from_spec(s, index=i, base_dir=self.base_dir) for i, s in enumerate(self.stages, start=1)]
+        """The :class:`Pipeline` this config describes (schemas checked, nothing loaded).
+
+        ``{version}`` in stage parameters (artifact folders) is replaced by :attr:`version` first.
+        """
+        stages = [stage_from_spec(s, index=i, base_dir=self.base_dir) for i, s in enumerate(self.versioned_stages(), start=1)]
         return Pipeline(stages, inputs=self.input_schema())
+
+    def uses_version(self) -> bool:
+        """Whether any stage parameter contains ``{version}``."""
+        return _uses_version(self.stages)
+
+    def versioned_stages(self) -> list[dict[str, Any]]:
+        """The stage specs with ``{version}`` replaced by :attr:`version`."""
+        if not self.uses_version():
+            return self.stages
+        if self.version is None:
+            raise ConfigError("stage parameters use {version} but the config sets no version; "
+                              "add [pipeline] version = \"...\" or pass --version NAME")
+        if self.version != VERSION_FIELD and not _VERSION_NAME.fullmatch(self.version):
+            raise ConfigError(f"version {self.version!r} is not a valid name; use letters, digits, '.', '_' and '-' "
+                              "(starting with a letter or digit)")
+        return [_fill_version(s, self.version) for s in self.stages]
 
     def data_path(self, key: str) -> Path:
         """A ``[data]`` entry as an absolute path (input data may live anywhere)."""
@@ -158,6 +204,8 @@ class PipelineConfig:
         head: dict[str, Any] = {"name": self.name}
         if self.batch_size is not None:
             head["batch_size"] = self.batch_size
+        if self.version is not None:
+            head["version"] = self.version
         if self.inputs is not None:
             head["inputs"] = dict(self.inputs)
         out: dict[str, Any] = {"pipeline": head}
@@ -186,15 +234,18 @@ class PipelineConfig:
             raise ConfigError(f"{source}: no [[stages]] entries; a pipeline needs at least one stage")
         return cls(
             stages=stages, name=head.get("name", "pipeline"), inputs=head.get("inputs"),
-            data=doc.get("data", {}), batch_size=head.get("batch_size"), base_dir=base_dir,
+            data=doc.get("data", {}), batch_size=head.get("batch_size"), base_dir=base_dir, version=head.get("version"),
         )
 
     @classmethod
     def normalised(cls, cfg: "PipelineConfig") -> "PipelineConfig":
-        """The same config with every stage parameter written out (what ``save`` writes)."""
-        pipe = cfg.build()
+        """The same config with every stage parameter written out (what ``save`` writes).
+
+        ``{version}`` in parameters stays as it is.
+        """
+        pipe = dataclasses.replace(cfg, version=VERSION_FIELD).build() if cfg.uses_version() else cfg.build()
         out = cls.from_pipeline(pipe, name=cfg.name, data=cfg.data, inputs=cfg.inputs)
-        out.batch_size, out.base_dir = cfg.batch_size, cfg.base_dir
+        out.batch_size, out.base_dir, out.version = cfg.batch_size, cfg.base_dir, cfg.version
         return out
 
 

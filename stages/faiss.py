@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 
 import polars as pl
 
-from indexes.faiss_index import FaissIndex
+from indexes.faiss_index import FaissIndex, faiss_has_gpu
 from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file
 from pipeline.build import BuildContext, find_upstream
 from pipeline.columns import ITEM_ID, QUERY_EMBEDDING, QUERY_ID, RANK, SCORE, SOURCE
@@ -17,6 +17,8 @@ from pipeline.data import read_catalog
 from pipeline.errors import ArtifactError, ConfigError, DataError, DeviceError
 from pipeline.schema import ANY, EMBEDDING
 from pipeline.stage import Pipeline, Stage, StageTags
+
+from .gpu_util import log_fallback
 
 __all__ = ["FaissRecall"]
 
@@ -49,7 +51,11 @@ class FaissRecall(Stage):
         item_text: catalog columns joined (space-separated, nulls skipped) into the text that
             ``funnel build`` encodes for each item, with the pipeline's own encoder.
         device: ``"cpu"``, ``"cuda"`` (needs faiss-gpu) or ``"auto"`` (cuda when both torch
-            sees a GPU and faiss can use it).
+            sees a GPU and faiss can use it). On ``"cuda"`` the index is cloned to the GPU in
+            ``warm_up()``; an index type faiss-gpu cannot hold, and a search beyond its limits
+            (``k`` or ``nprobe`` above 2048, see :func:`indexes.faiss_index.gpu_search_fallback`),
+            run on the CPU index instead, with a logged warning. ``"cuda"`` with a faiss that
+            has no GPU support is an error.
     """
 
     name = "recall.faiss"
@@ -162,9 +168,10 @@ class FaissRecall(Stage):
             if self.device_ == "cuda":
                 try:
                     index = index.to_gpu()
-                except DeviceError:
-                    if self.device != "auto":
+                except DeviceError as exc:
+                    if self.device != "auto" and not faiss_has_gpu():
                         raise
+                    log_fallback(self, f"stage '{self.name}': {exc}; searching on the CPU")
                     self.device_ = "cpu"
         except BaseException:
             self.device_ = None

@@ -1,8 +1,10 @@
 """Ranking features computed from candidates: the one place feature definitions live.
 
 Each feature is a named Polars expression over the candidate rows plus two helper token-list
-columns (query tokens and title tokens). The ranker records the names and order of the features
-it was trained on; the pipeline checks them against what this stage produces.
+columns (query tokens and title tokens). Most features give one column ``f_<name>``; a few expand
+into one column per recall source after ``recall.fused`` (``source_scores`` gives ``f_score_dense``,
+``f_score_bm25`` ...). The ranker records the names and order of the features it was trained on;
+the pipeline checks them against what this stage produces.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable
 import polars as pl
 import pyarrow as pa
 
-from pipeline.columns import QUERY, QUERY_ID, RANK, SCORE
+from pipeline.columns import QUERY, QUERY_ID, RANK, SCORE, SOURCE
 from pipeline.schema import ANY, keep_input_types
 from pipeline.stage import Stage, StageTags
 
@@ -23,6 +25,7 @@ FEATURE_PREFIX = "f_"
 _TOKEN = r"[a-z0-9]+(?:[./][0-9]+)*"
 _NUMBER = r"[0-9]+(?:[./][0-9]+)*"
 _Q, _T = "__q_tokens", "__t_tokens"
+_QS, _TS = "__q_stems", "__t_stems"
 
 
 def feature_column(name: str) -> str:
@@ -31,11 +34,20 @@ def feature_column(name: str) -> str:
 
 @dataclass(frozen=True)
 class Feature:
-    """A feature: the input columns it reads (via stage parameters) and its expression."""
+    """A feature: the input columns it reads (via stage parameters) and its expression.
+
+    ``expr`` returns one expression (column ``f_<name>``) or, for a feature that expands per
+    recall source, a dict ``{suffix: expression}`` (columns ``f_<suffix>``); ``inputs`` then
+    lists the columns it reads. ``mention`` names the parameter holding an attribute column whose
+    values are looked for in the query (the stage computes that match once, for text or list
+    columns alike).
+    """
 
     needs: tuple[str, ...]  # names of TextMatchFeatures parameters holding column names
-    expr: Callable[["TextMatchFeatures"], pl.Expr]
+    expr: Callable[["TextMatchFeatures"], "pl.Expr | dict[str, pl.Expr]"]
     doc: str
+    inputs: Callable[["TextMatchFeatures"], list[str]] | None = None
+    mention: str | None = None
 
 
 def _tokens(col: str) -> pl.Expr:
@@ -44,6 +56,19 @@ def _tokens(col: str) -> pl.Expr:
 
 def _overlap() -> pl.Expr:
     return pl.col(_Q).list.set_intersection(pl.col(_T)).list.len()
+
+
+def _stem_overlap() -> pl.Expr:
+    return pl.col(_QS).list.set_intersection(pl.col(_TS)).list.len()
+
+
+def _stems(frame: pl.DataFrame, tokens: pl.Expr) -> pl.Expr:
+    """``tokens`` (a list column) with every word replaced by its Snowball (PyStemmer) stem."""
+    import Stemmer
+
+    vocab = frame.select(tokens.explode().drop_nulls().unique()).to_series().to_list()
+    stems = dict(zip(vocab, Stemmer.Stemmer("english").stemWords(vocab)))
+    return tokens.list.eval(pl.element().replace_strict(stems, default=pl.element(), return_dtype=pl.String))
 
 
 def _safe_div(a: pl.Expr, b: pl.Expr) -> pl.Expr:
@@ -61,6 +86,26 @@ def _mentions(col: str, query_col: str) -> pl.Expr:
             & pl.col(query_col).str.to_lowercase().str.contains(value, literal=True)).fill_null(False)
 
 
+def _mention_column(col: str) -> str:
+    return f"__mention_{col}"
+
+
+def _mention_values(frame: pl.DataFrame, col: str, query_col: str) -> pl.Series:
+    """Per row: the attribute (text, or any element of a list such as colours) occurs in the query."""
+    if not isinstance(frame.schema[col], pl.List):
+        return frame.select(_mentions(col, query_col)).to_series()
+    long = (frame.select(pl.col(query_col), pl.col(col).list.eval(pl.element().cast(pl.String)).alias("__v"))
+            .with_row_index("__row").explode("__v"))
+    hit = long.select("__row", _mentions("__v", query_col).alias("__hit")).group_by("__row").agg(pl.col("__hit").any())
+    rows = pl.DataFrame({"__row": pl.int_range(frame.height, eager=True).cast(hit.schema["__row"])})
+    return rows.join(hit, on="__row", how="left").sort("__row")["__hit"].fill_null(False)
+
+
+def _per_source(s: "TextMatchFeatures", kind: str, missing: float) -> dict[str, pl.Expr]:
+    return {f"{kind}_{name}": pl.col(f"{kind}_{name}").cast(pl.Float64).fill_null(missing).fill_nan(missing)
+            for name in s.sources}
+
+
 FEATURES: dict[str, Feature] = {
     "recall_score": Feature(("score_column",), lambda s: pl.col(s.score_column), "score given by recall"),
     "recall_rank": Feature(("rank_column",), lambda s: pl.col(s.rank_column), "rank given by recall"),
@@ -70,6 +115,11 @@ FEATURES: dict[str, Feature] = {
     "jaccard": Feature(("query_column", "title_column"),
                        lambda s: _safe_div(_overlap(), pl.col(_Q).list.concat(pl.col(_T)).list.unique().list.len()),
                        "Jaccard similarity of query and title token sets"),
+    "stem_overlap": Feature(("query_column", "title_column"), lambda s: _stem_overlap(),
+                            "query words found in the title after stemming ('drills' matches 'drill')"),
+    "stem_coverage": Feature(("query_column", "title_column"),
+                             lambda s: _safe_div(_stem_overlap(), pl.col(_QS).list.unique().list.len()),
+                             "share of the query's distinct stemmed words found in the title"),
     "title_len": Feature(("title_column",), lambda s: pl.col(_T).list.len(), "title length in tokens"),
     "query_len": Feature(("query_column",), lambda s: pl.col(_Q).list.len(), "query length in tokens"),
     "number_match": Feature(
@@ -79,12 +129,28 @@ FEATURES: dict[str, Feature] = {
         "share of the query's numbers (sizes, gauges, model numbers) found in the title"),
     "query_has_number": Feature(("query_column",), lambda s: _numbers(s.query_column).list.len() > 0,
                                 "the query contains a number"),
-    "brand_match": Feature(("query_column", "brand_column"), lambda s: _mentions(s.brand_column, s.query_column),
-                           "the item's brand is mentioned in the query"),
-    "color_match": Feature(("query_column", "color_column"), lambda s: _mentions(s.color_column, s.query_column),
-                           "the item's colour is mentioned in the query"),
-    "material_match": Feature(("query_column", "material_column"), lambda s: _mentions(s.material_column, s.query_column),
-                              "the item's material is mentioned in the query"),
+    "brand_match": Feature(("query_column", "brand_column"), lambda s: pl.col(_mention_column(s.brand_column)),
+                           "the item's brand is mentioned in the query", mention="brand_column"),
+    "color_match": Feature(("query_column", "color_column"), lambda s: pl.col(_mention_column(s.color_column)),
+                           "the item's colour (any of them, for a list column) is mentioned in the query",
+                           mention="color_column"),
+    "material_match": Feature(("query_column", "material_column"),
+                              lambda s: pl.col(_mention_column(s.material_column)),
+                              "the item's material (any of them, for a list column) is mentioned in the query",
+                              mention="material_column"),
+    "source_scores": Feature((), lambda s: _per_source(s, "score", s.missing_score),
+                             "one column f_score_<name> per recall source in `sources` (recall.fused's "
+                             "score_<name>); missing_score where that source did not find the item",
+                             inputs=lambda s: [f"score_{n}" for n in s.sources]),
+    "source_ranks": Feature((), lambda s: _per_source(s, "rank", s.missing_rank),
+                            "one column f_rank_<name> per recall source in `sources`; missing_rank where that "
+                            "source did not find the item", inputs=lambda s: [f"rank_{n}" for n in s.sources]),
+    "n_sources": Feature(("source_column",),
+                         lambda s: pl.col(s.source_column).str.count_matches("+", literal=True).fill_null(-1) + 1,
+                         "how many recall sources found the item ('dense+bm25' gives 2)"),
+    "fusion_rank": Feature(("rank_column",), lambda s: pl.col(s.rank_column),
+                           "rank after recall.fused (the rank column as this stage sees it; same as "
+                           "recall_rank, named for configs that fuse)"),
 }
 
 DEFAULT_FEATURES = ("recall_score", "recall_rank", "overlap", "coverage", "jaccard", "title_len", "query_len",
@@ -95,8 +161,13 @@ class TextMatchFeatures(Stage):
     """Add ``f_<name>`` float32 feature columns for the learned ranker.
 
     ``features`` picks from :data:`FEATURES` (see each one's ``doc``); the columns each reads
-    are set by the ``*_column`` parameters. Attribute columns that hold lists (colours,
-    materials) should be joined to text before the lookup, or left out of ``features``.
+    are set by the ``*_column`` parameters. Attribute mentions (``brand_match``,
+    ``color_match``, ``material_match``) accept a text column or a list column (colours as
+    ``list<str>``: any element mentioned counts). After ``recall.fused``, ``sources`` names the
+    recall sources whose per-source ``score_<name>``/``rank_<name>`` columns ``source_scores`` /
+    ``source_ranks`` turn into features; where a source did not find an item its value is
+    ``missing_score`` (below every BM25 score and cosine similarity) or ``missing_rank`` (below
+    every rank), since LightGBM should see a value, not a null.
     """
 
     name = "features.text"
@@ -105,7 +176,9 @@ class TextMatchFeatures(Stage):
 
     def __init__(self, features: list[str] | tuple[str, ...] = DEFAULT_FEATURES, query_column: str = QUERY,
                  title_column: str = "title", brand_column: str = "brand", color_column: str = "color",
-                 material_column: str = "material", score_column: str = SCORE, rank_column: str = RANK):
+                 material_column: str = "material", score_column: str = SCORE, rank_column: str = RANK,
+                 sources: list[str] | tuple[str, ...] = (), missing_score: float = -1.0, missing_rank: int = 1000,
+                 source_column: str = SOURCE):
         self.features = features
         self.query_column = query_column
         self.title_column = title_column
@@ -114,31 +187,62 @@ class TextMatchFeatures(Stage):
         self.material_column = material_column
         self.score_column = score_column
         self.rank_column = rank_column
+        self.sources = sources
+        self.missing_score = missing_score
+        self.missing_rank = missing_rank
+        self.source_column = source_column
 
     def validate_params(self) -> None:
         super().validate_params()
         unknown = [f for f in self.features if f not in FEATURES]
         if unknown or not self.features:
             raise self._bad_param("features", f"a non-empty list drawn from {', '.join(FEATURES)}")
+        if not isinstance(self.sources, (list, tuple)) or not all(isinstance(n, str) and n for n in self.sources):
+            raise self._bad_param("sources", "a list of recall source names")
+        if ({"source_scores", "source_ranks"} & set(self.features)) and not self.sources:
+            raise self._bad_param("sources", "a non-empty list of recall source names when 'source_scores' or "
+                                             "'source_ranks' is among the features")
+        if not isinstance(self.missing_score, (int, float)) or isinstance(self.missing_score, bool):
+            raise self._bad_param("missing_score", "a number")
+        if not isinstance(self.missing_rank, int) or isinstance(self.missing_rank, bool):
+            raise self._bad_param("missing_rank", "an int")
 
     def required_columns(self) -> pa.Schema:
         cols = {QUERY_ID: ANY}
         for f in self.features:
             for param in FEATURES[f].needs:
                 cols[getattr(self, param)] = ANY
+            for col in FEATURES[f].inputs(self) if FEATURES[f].inputs else ():
+                cols[col] = ANY
         return pa.schema([pa.field(c, t) for c, t in cols.items()])
 
+    def _exprs(self) -> dict[str, pl.Expr]:
+        """``{column: expression}`` of every produced feature column, in order."""
+        out: dict[str, pl.Expr] = {}
+        for f in self.features:
+            expr = FEATURES[f].expr(self)
+            parts = expr if isinstance(expr, dict) else {f: expr}
+            out.update({feature_column(n): e.cast(pl.Float32).alias(feature_column(n)) for n, e in parts.items()})
+        return out
+
     def produced_columns(self) -> pa.Schema:
-        return pa.schema([pa.field(feature_column(f), pa.float32()) for f in self.features])
+        return pa.schema([pa.field(c, pa.float32()) for c in self._exprs()])
 
     def transform(self, table: pa.Table) -> pa.Table:
         frame = pl.from_arrow(table)
-        exprs = [FEATURES[f].expr(self).cast(pl.Float32).alias(feature_column(f)) for f in self.features]
+        exprs = list(self._exprs().values())
         needs = {p for f in self.features for p in FEATURES[f].needs}
         helpers = []
         if "query_column" in needs:
             helpers.append(_tokens(self.query_column).alias(_Q))
         if "title_column" in needs:
             helpers.append(_tokens(self.title_column).alias(_T))
-        out = frame.with_columns(helpers).with_columns(exprs).drop([_Q, _T], strict=False)
+        out = frame.with_columns(helpers)
+        if {"stem_overlap", "stem_coverage"} & set(self.features):
+            out = out.with_columns(_stems(out, pl.col(_Q)).alias(_QS), _stems(out, pl.col(_T)).alias(_TS))
+        helpers = []
+        mentioned = {getattr(self, FEATURES[f].mention) for f in self.features if FEATURES[f].mention}
+        helpers += [_mention_values(frame, c, self.query_column).alias(_mention_column(c)) for c in sorted(mentioned)]
+        out = (out.with_columns(helpers).with_columns(exprs)
+               .drop([_Q, _T, _QS, _TS, *(_mention_column(c) for c in mentioned)], strict=False))
         return keep_input_types(out.to_arrow(), table.schema)

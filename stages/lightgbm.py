@@ -12,15 +12,24 @@ from pipeline.artifacts import build_key, read_manifest, sha256_file, verify_fil
 from pipeline.build import BuildContext, find_upstream, upstream_key
 from pipeline.columns import ITEM_ID, QUERY, QUERY_ID, RANK, RECALL_RANK, RECALL_SCORE, RELEVANCE, SCORE
 from pipeline.data import holdout_mask, read_judgments
-from pipeline.errors import ArtifactError, DataError
+from pipeline.errors import ArtifactError, DataError, DeviceError
 from pipeline.schema import ANY, keep_input_types
 from pipeline.stage import Pipeline, Stage, StageTags
 
 from .features import FEATURE_PREFIX
+from .gpu_util import TorchTreeModel, log_fallback, tree_model_unsupported
 
-__all__ = ["LightGBMRanker", "rerank"]
+__all__ = ["LightGBMRanker", "rerank", "EXPLANATION", "EXPLANATION_TYPE", "REST"]
+
+#: Column of per-item score explanations (``explain > 0``).
+EXPLANATION = "explanation"
+EXPLANATION_TYPE = pa.list_(pa.struct([pa.field("feature", pa.string()), pa.field("contribution", pa.float32())]))
+#: Name of the last explanation entry: the other features' contributions plus the model's bias.
+REST = "(other features + bias)"
 
 MODEL_FILE = "model.txt"
+#: LightGBM training devices: its CPU learner, its OpenCL learner ("gpu"), its CUDA learner
+TRAIN_DEVICES = ("cpu", "gpu", "cuda")
 HOLDOUT_QUERIES = "holdout_queries.parquet"
 HOLDOUT_JUDGMENTS = "holdout_judgments.parquet"
 
@@ -53,19 +62,39 @@ class LightGBMRanker(Stage):
     ``valid_fraction`` drives early stopping on NDCG@10.
 
     The previous ``score``/``rank`` are kept as ``recall_score``/``recall_rank``.
+
+    With ``explain = N > 0`` (``funnel run --explain``) each row also gets ``explanation``: the
+    ``N`` features that moved its score most (LightGBM's exact TreeSHAP contributions,
+    ``pred_contrib=True``), largest magnitude first, then one entry
+    ``"(other features + bias)"`` holding the rest, so the contributions of a row sum to its
+    ``score``. TreeSHAP costs about as much as scoring times the tree depth, on every candidate,
+    not only on those later shown; leave it off for bulk runs.
+
+    **Devices.** On ``device="cuda"`` (or ``"auto"`` on a machine with CUDA) ``warm_up()``
+    compiles the loaded model into tensor operations with hummingbird-ml
+    (:class:`stages.gpu_util.TorchTreeModel`, ``pip install 'funnel-rank[gpu]'``) and scores on
+    the GPU, in float64, equal to LightGBM's own scores to rounding. A model hummingbird-ml
+    cannot reproduce exactly (categorical splits, ...) and a batch with NaN features that the
+    model routes by a learned default are scored by LightGBM on the CPU, with a logged warning;
+    ``explain`` always runs on LightGBM. ``train_device`` is separate: the device LightGBM
+    *trains* on in ``funnel build`` — ``"gpu"`` is its OpenCL learner (in the pip wheel; needs
+    an OpenCL driver: NVIDIA's, or pocl on a CPU), ``"cuda"`` its CUDA learner (needs LightGBM
+    built from source with CUDA). A GPU-trained model is close to, not identical with, a
+    CPU-trained one (single-precision histograms).
     """
 
     name = "rank.lightgbm"
     input_schema = pa.schema([pa.field(QUERY_ID, ANY), pa.field(SCORE, pa.float32()), pa.field(RANK, pa.int32())])
     output_schema = pa.schema([pa.field(SCORE, pa.float32()), pa.field(RANK, pa.int32()),
                                pa.field(RECALL_SCORE, pa.float32()), pa.field(RECALL_RANK, pa.int32())])
-    tags = StageTags(devices=("cpu",), requires_build=True, level="candidate")
+    tags = StageTags(devices=("cpu", "cuda"), requires_build=True, level="candidate")
     path_params = ("model",)
 
     def __init__(self, model: str = "artifacts/ranker", num_threads: int = 0, n_estimators: int = 500,
                  learning_rate: float = 0.05, num_leaves: int = 31, min_data_in_leaf: int = 20,
                  early_stopping_rounds: int = 50, holdout_fraction: float = 0.2, valid_fraction: float = 0.2,
-                 label_scale: float = 3.0, relevance_offset: float = 1.0, seed: int = 0, device: str = "auto"):
+                 label_scale: float = 3.0, relevance_offset: float = 1.0, seed: int = 0, device: str = "auto",
+                 explain: int = 0, train_device: str = "cpu"):
         self.model = model
         self.num_threads = num_threads
         self.n_estimators = n_estimators
@@ -79,6 +108,8 @@ class LightGBMRanker(Stage):
         self.relevance_offset = relevance_offset
         self.seed = seed
         self.device = device
+        self.explain = explain
+        self.train_device = train_device
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -92,6 +123,10 @@ class LightGBMRanker(Stage):
         features = self._trained_features() or []
         return pa.schema(list(self.input_schema) + [pa.field(f, pa.float32()) for f in features])
 
+    def produced_columns(self) -> pa.Schema:
+        extra = [pa.field(EXPLANATION, EXPLANATION_TYPE)] if self.explain else []
+        return pa.schema(list(self.output_schema) + extra)
+
     def validate_params(self) -> None:
         super().validate_params()
         for p in ("n_estimators", "num_leaves", "min_data_in_leaf", "early_stopping_rounds"):
@@ -104,6 +139,10 @@ class LightGBMRanker(Stage):
                 raise self._bad_param(p, "a number in [0, 1)")
         if not (isinstance(self.label_scale, (int, float)) and self.label_scale > 0):
             raise self._bad_param("label_scale", "a number > 0")
+        if not isinstance(self.explain, int) or isinstance(self.explain, bool) or self.explain < 0:
+            raise self._bad_param("explain", "an int >= 0 (features listed per explained row; 0: off)")
+        if self.train_device not in TRAIN_DEVICES:
+            raise self._bad_param("train_device", f"one of {TRAIN_DEVICES}")
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -123,19 +162,61 @@ class LightGBMRanker(Stage):
             raise ArtifactError(f"{what}: {folder / MODEL_FILE} is not a LightGBM text model ({exc})") from exc
         if booster.feature_name() != manifest["features"]:
             raise ArtifactError(f"{what}: model features {booster.feature_name()} differ from its manifest {manifest['features']}")
+        self.trees_ = self._gpu_trees(booster) if self.device_ == "cuda" else None
         self.booster_ = booster
         self.features_ = list(manifest["features"])
+
+    def _gpu_trees(self, booster) -> TorchTreeModel | None:
+        """The model compiled for the GPU; ``None`` (logged, scored on the CPU) when it cannot be exact."""
+        reason = tree_model_unsupported(booster)
+        if reason is None:
+            try:
+                return TorchTreeModel(booster, "cuda")
+            except DeviceError as exc:
+                if self.device != "auto":
+                    raise DeviceError(f"stage '{self.name}': {exc}") from exc
+                reason = str(exc)
+        log_fallback(self, f"stage '{self.name}': scoring with LightGBM on the CPU, not on the GPU: {reason}")
+        self.device_ = "cpu"
+        return None
 
     def feature_matrix(self, table: pa.Table) -> np.ndarray:
         cols = [table.column(f).to_numpy().astype(np.float32, copy=False) for f in self.features_]
         return np.column_stack(cols) if cols else np.zeros((table.num_rows, 0), np.float32)
 
     def transform(self, table: pa.Table) -> pa.Table:
+        scores = None
         if table.num_rows == 0:
             scores = np.zeros(0, np.float32)
-        else:
+        elif self.trees_ is not None:
+            scores = self.trees_.predict(self.feature_matrix(table))
+            if scores is None:
+                log_fallback(self, f"stage '{self.name}': a batch has NaN features, which the model routes by "
+                                   "learned defaults that hummingbird-ml does not reproduce; LightGBM scores it on the CPU")
+        if scores is None:
             scores = self.booster_.predict(self.feature_matrix(table), num_threads=self.num_threads)
+        if self.explain:
+            table = table.drop_columns([c for c in (EXPLANATION,) if c in table.column_names])
+            table = table.append_column(pa.field(EXPLANATION, EXPLANATION_TYPE), self.explanations(table))
         return keep_input_types(rerank(table, scores), table.schema)
+
+    def explanations(self, table: pa.Table) -> pa.Array:
+        """Per row: the ``explain`` largest feature contributions, then the rest plus the bias."""
+        n, top = table.num_rows, min(self.explain, len(self.features_))
+        if n == 0:
+            return pa.array([], EXPLANATION_TYPE)
+        contrib = np.asarray(self.booster_.predict(self.feature_matrix(table), pred_contrib=True,
+                                                   num_threads=self.num_threads), dtype=np.float64)
+        per_feature, bias = contrib[:, :-1], contrib[:, -1]
+        order = np.argsort(-np.abs(per_feature), axis=1, kind="stable")[:, :top]
+        shown = np.take_along_axis(per_feature, order, axis=1)
+        rest = per_feature.sum(axis=1) - shown.sum(axis=1) + bias
+        names = np.asarray(self.features_ + [REST], dtype=object)
+        feature = np.column_stack([names[order], np.full(n, REST, dtype=object)]).ravel()
+        values = np.column_stack([shown, rest]).ravel().astype(np.float32)
+        structs = pa.StructArray.from_arrays([pa.array(feature, pa.string()), pa.array(values, pa.float32())],
+                                             fields=list(EXPLANATION_TYPE.value_type))
+        return pa.ListArray.from_arrays(pa.array(np.arange(0, n * (top + 1) + 1, top + 1, dtype=np.int32)), structs)
 
     # -- training ----------------------------------------------------------------------------
 
@@ -144,13 +225,21 @@ class LightGBMRanker(Stage):
         return np.clip(lab, 0, 30).astype(np.int32)
 
     def build(self, upstream: Pipeline | None, ctx: BuildContext) -> str:
-        """Train on ``[data] judgments`` through the upstream pipeline; see the class docstring."""
+        """Train on ``[data] judgments`` through the upstream pipeline; see the class docstring.
+
+        A config with ``[data] logs`` and no judgments trains next-item recommendation instead:
+        each user's last logged item is the target of a query made of the items before it, and
+        the candidates come from upstream artifacts rebuilt without those targets
+        (:func:`stages.history.next_item_training`). Users whose target is not among the
+        candidates carry no ranking signal and are left out.
+        """
         import lightgbm as lgb
 
         if upstream is None:
             raise DataError(f"stage '{self.name}' needs recall and feature stages before it to train")
         folder = self.resolve_path(self.model)
-        judgments_path = ctx.data_path("judgments")
+        from_logs = "judgments" not in ctx.config.data and "logs" in ctx.config.data
+        judgments_path = ctx.data_path("logs" if from_logs else "judgments")
         train_params = {k: v for k, v in self.get_params().items() if k not in ("model", "device", "num_threads")}
         key = build_key(stage=self.name, params=train_params, judgments=sha256_file(judgments_path),
                         upstream=upstream_key(upstream))
@@ -162,8 +251,13 @@ class LightGBMRanker(Stage):
             raise DataError(f"stage '{self.name}' needs a feature stage (producing {FEATURE_PREFIX}* columns) before it")
         features = [f.name for f in upstream.output_schema if f.name.startswith(FEATURE_PREFIX)]
 
-        judgments = read_judgments(judgments_path)
-        queries = pl.from_arrow(judgments.select([QUERY_ID, QUERY])).unique(QUERY_ID, maintain_order=True).to_arrow()
+        if from_logs:
+            from .history import next_item_training
+
+            queries, judgments, upstream = next_item_training(upstream, ctx, folder / "upstream")
+        else:
+            judgments = read_judgments(judgments_path)
+            queries = pl.from_arrow(judgments.select([QUERY_ID, QUERY])).unique(QUERY_ID, maintain_order=True).to_arrow()
         held = np.array(holdout_mask(queries.column(QUERY_ID), self.holdout_fraction, self.seed), dtype=bool)
         folder.mkdir(parents=True, exist_ok=True)
         held_ids = queries.filter(pa.array(held)).column(QUERY_ID)
@@ -176,7 +270,14 @@ class LightGBMRanker(Stage):
         frame = pl.from_arrow(cands).with_row_index("__row")
         rel = rel.with_columns(pl.col(ITEM_ID).cast(frame.schema[ITEM_ID]), pl.col(QUERY_ID).cast(frame.schema[QUERY_ID]))
         frame = frame.join(rel, on=[QUERY_ID, ITEM_ID], how="left").sort("__row")
-        labels = self._labels(frame[RELEVANCE].to_numpy().astype(np.float64))
+        if from_logs:
+            frame = frame.filter(pl.col(RELEVANCE).is_not_null().any().over(QUERY_ID))
+            if frame.height == 0:
+                raise DataError(f"stage '{self.name}': no training user's next item is among the upstream candidates "
+                                f"({train_q.num_rows} users from {judgments_path}); raise the recall k")
+            labels = frame[RELEVANCE].is_not_null().to_numpy().astype(np.int32)
+        else:
+            labels = self._labels(frame[RELEVANCE].to_numpy().astype(np.float64))
         X = np.column_stack([frame[f].to_numpy().astype(np.float32) for f in features])
         qids = frame[QUERY_ID]
         valid_q = np.array(holdout_mask(qids.unique(maintain_order=True).to_arrow(), self.valid_fraction, self.seed + 1))
@@ -193,12 +294,24 @@ class LightGBMRanker(Stage):
             "num_leaves": self.num_leaves, "min_data_in_leaf": self.min_data_in_leaf, "seed": self.seed,
             "num_threads": self.num_threads, "verbose": -1, "deterministic": True, "force_row_wise": True,
         }
+        if self.train_device != "cpu":
+            params["device_type"] = self.train_device
         train_set = dataset(~is_valid)
         valid_sets, callbacks = [], []
         if is_valid.any():
             valid_sets = [dataset(is_valid, reference=train_set)]
             callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
-        booster = lgb.train(params, train_set, num_boost_round=self.n_estimators, valid_sets=valid_sets, callbacks=callbacks)
+        try:
+            booster = lgb.train(params, train_set, num_boost_round=self.n_estimators, valid_sets=valid_sets,
+                                callbacks=callbacks)
+        except lgb.basic.LightGBMError as exc:
+            if self.train_device == "cpu":
+                raise
+            raise DeviceError(
+                f"stage '{self.name}': LightGBM cannot train with train_device={self.train_device!r} "
+                f"({str(exc).strip().splitlines()[0]}); 'gpu' needs an OpenCL driver (NVIDIA's, or "
+                "`apt-get install pocl-opencl-icd` on a CPU), 'cuda' a LightGBM built with CUDA; or use 'cpu'"
+            ) from exc
         best = booster.best_iteration or booster.current_iteration()
         valid_ndcg = booster.best_score.get("valid_0", {}).get("ndcg@10") if valid_sets else None
 

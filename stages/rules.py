@@ -18,6 +18,8 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.schema import ANY
 from pipeline.stage import Stage, StageTags
 
+from .gpu_util import collect
+
 __all__ = ["RuleFilter", "OPS"]
 
 
@@ -169,20 +171,26 @@ class RuleFilter(Stage):
         dedupe_by: column to dedupe on within a group, e.g. a product-group id; ``None``: off.
         group_by: column whose value delimits a group, normally ``query_id``.
         order_by: column ranking rows within a group, ascending (lower is better).
+        device: ``"cpu"`` (the default: a filter rarely pays for the copy to a GPU), ``"cuda"``
+            or ``"auto"``. On CUDA the same Polars query runs on Polars' GPU engine
+            (``cudf-polars``, ``pip install 'funnel-rank[gpu-filter]'``) with identical results;
+            where that engine is missing or does not implement a rule's expression, the CPU
+            engine runs it and a warning is logged once.
 
     The output has exactly the input's columns and types, with some rows removed.
     """
 
     name = "filter.rules"
     input_schema = pa.schema([pa.field(QUERY_ID, ANY)])
-    tags = StageTags(devices=("cpu",), level="candidate")
+    tags = StageTags(devices=("cpu", "cuda"), level="candidate")
 
     def __init__(self, rules: list[dict] | None = None, dedupe_by: str | None = None, group_by: str = QUERY_ID,
-                 order_by: str = RANK):
+                 order_by: str = RANK, device: str = "cpu"):
         self.rules = rules
         self.dedupe_by = dedupe_by
         self.group_by = group_by
         self.order_by = order_by
+        self.device = device
 
     # -- parsing -----------------------------------------------------------------------------
 
@@ -329,11 +337,12 @@ class RuleFilter(Stage):
             row = "__row__"
             while row in df.columns:
                 row += "_"
-            df = df.with_row_index(row).filter(self.expr_)
+            query = df.lazy().with_row_index(row).filter(self.expr_)
             if self.dedupe_by is not None:
-                df = (df.sort(self.order_by, nulls_last=True, maintain_order=True)
-                      .unique([self.group_by, self.dedupe_by], keep="first", maintain_order=True)
-                      .sort(row))
+                query = (query.sort(self.order_by, nulls_last=True, maintain_order=True)
+                         .unique([self.group_by, self.dedupe_by], keep="first", maintain_order=True)
+                         .sort(row))
+            df = collect(query, device=self.device_, owner=self, what=f"stage '{self.name}'")
         except pl.exceptions.PolarsError as exc:
             raise DataError(f"stage '{self.name}': the rules could not be applied to this batch: {exc}") from exc
         if df.height == table.num_rows:

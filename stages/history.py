@@ -1,0 +1,333 @@
+"""Recommendation from a user's history: the exclusion filter and the ranking features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+from threadpoolctl import threadpool_limits
+
+from pipeline.build import BuildContext
+from pipeline.columns import HISTORY, ITEM_ID, QUERY_ID, RANK, SCORE
+from pipeline.schema import ANY, keep_input_types
+from pipeline.stage import Pipeline, Stage, StageTags
+
+from .association import AssociationIndex, _is_int, _is_number, history_weights, lookup_positions
+from .features import feature_column
+
+__all__ = ["HistoryFilter", "HistoryFeatures", "HISTORY_FEATURES", "DEFAULT_HISTORY_FEATURES", "next_item_training"]
+
+
+class HistoryFilter(Stage):
+    """Drop candidates the user already has: items in the query's ``history`` list.
+
+    With ``last_n`` set only the ``last_n`` most recent history items are excluded, for shops
+    where people buy again (groceries, consumables) and an old purchase may be recommended
+    anew. Recall stages that read the history usually skip those items already
+    (``exclude_history``); this filter makes it hold for every source, e.g. one that knows
+    nothing about histories.
+
+    Args:
+        history_column: list column of item ids, oldest first.
+        last_n: exclude only the most recent ``last_n`` items; ``None`` excludes all.
+    """
+
+    name = "filter.history"
+    input_schema = pa.schema([pa.field(QUERY_ID, ANY), pa.field(ITEM_ID, ANY), pa.field(HISTORY, pa.list_(ANY))])
+    tags = StageTags(level="candidate")
+
+    def __init__(self, history_column: str = HISTORY, last_n: int | None = None):
+        self.history_column = history_column
+        self.last_n = last_n
+
+    def required_columns(self) -> pa.Schema:
+        return pa.schema([pa.field(QUERY_ID, ANY), pa.field(ITEM_ID, ANY), pa.field(self.history_column, pa.list_(ANY))])
+
+    def validate_params(self) -> None:
+        super().validate_params()
+        if not isinstance(self.history_column, str) or not self.history_column:
+            raise self._bad_param("history_column", "a column name")
+        if self.last_n is not None and (not _is_int(self.last_n) or self.last_n < 1):
+            raise self._bad_param("last_n", "None or an int >= 1")
+
+    def transform(self, table: pa.Table) -> pa.Table:
+        if table.num_rows == 0:
+            return table
+        frame = pl.from_arrow(table.select([ITEM_ID, self.history_column]))
+        hist = pl.col(self.history_column)
+        if self.last_n is not None:
+            hist = hist.list.tail(self.last_n)
+        seen = frame.select(hist.list.contains(pl.col(ITEM_ID).cast(frame.schema[self.history_column].inner))
+                            .fill_null(False)).to_series()
+        if not seen.any():
+            return table
+        return table.filter(pa.array((~seen).to_numpy()))
+
+
+@dataclass(frozen=True)
+class HistoryFeature:
+    """One feature of a candidate given the user's history; ``doc`` says what it measures."""
+
+    needs: str  # "association", "content", "popularity" or "" (the artifact it reads)
+    doc: str
+
+
+HISTORY_FEATURES: dict[str, HistoryFeature] = {
+    "assoc_last": HistoryFeature("association", "association score from the last history item to the candidate"),
+    "assoc_prev": HistoryFeature("association", "association score from the second-to-last history item"),
+    "assoc_sum": HistoryFeature("association", "recency-weighted sum of association scores over the history"),
+    "assoc_max": HistoryFeature("association", "largest association score from any history item"),
+    "assoc_hits": HistoryFeature("association", "history items associated with the candidate at all"),
+    "assoc_match_pos": HistoryFeature("association",
+                                      "steps back from the last history item to the best-associated one (NaN: none)"),
+    "assoc_reverse_last": HistoryFeature("association", "association score from the candidate to the last history item"),
+    "sim_last": HistoryFeature("content", "cosine similarity of the candidate's embedding to the last history item's"),
+    "sim_max": HistoryFeature("content", "highest cosine similarity to any history item"),
+    "sim_mean": HistoryFeature("content", "recency-weighted mean cosine similarity to the history items"),
+    "pop_count": HistoryFeature("popularity", "log(1 + interactions) of the candidate in the logs"),
+    "pop_recent": HistoryFeature("popularity", "recency-weighted interactions of the candidate (see recall.popularity)"),
+    "history_len": HistoryFeature("", "number of items in the user's history"),
+}
+DEFAULT_HISTORY_FEATURES = tuple(HISTORY_FEATURES)
+_ARTIFACT_PARAMS = ("association", "content", "popularity")
+
+
+class HistoryFeatures(Stage):
+    """Add ``f_<name>`` float32 ranking features that relate each candidate to the user's history.
+
+    ``features`` picks from :data:`HISTORY_FEATURES` (each entry's ``doc`` says what it
+    measures): association scores between the history items and the candidate (from the
+    ``association`` index, with the position of the best-matching history item), content
+    similarity of title embeddings to the last and to all history items (from the ``content``
+    FAISS index folder), the candidate's popularity (from the ``popularity`` table) and the
+    history length. Each feature reads the artifact it names, built by the recall stage of the
+    same name; an artifact parameter may be ``None`` when no chosen feature needs it.
+    ``copy_columns`` are passed to the ranker as ``f_<column>`` too — typically the fused
+    ``score``/``rank`` and each source's ``score_<name>``/``rank_<name>`` (nulls stay
+    missing values, which LightGBM handles).
+
+    Args:
+        association: association index folder (``recall.association``).
+        content: FAISS index folder of item embeddings (``recall.user_vector``).
+        popularity: popularity folder (``recall.popularity``).
+        history_column: list column of item ids, oldest first.
+        recency: history weight ratio used by ``assoc_sum`` and ``sim_mean``, in (0, 1].
+        features: names from :data:`HISTORY_FEATURES`.
+        copy_columns: numeric columns copied as ``f_<column>``.
+    """
+
+    name = "features.history"
+    input_schema = pa.schema([pa.field(QUERY_ID, ANY), pa.field(ITEM_ID, ANY), pa.field(HISTORY, pa.list_(ANY))])
+    tags = StageTags(level="candidate")
+    path_params = _ARTIFACT_PARAMS
+
+    def __init__(self, association: str | None = "artifacts/association", content: str | None = "artifacts/content",
+                 popularity: str | None = "artifacts/popularity", history_column: str = HISTORY, recency: float = 0.6,
+                 features: list[str] | tuple[str, ...] = DEFAULT_HISTORY_FEATURES,
+                 copy_columns: list[str] | tuple[str, ...] = (SCORE, RANK)):
+        self.association = association
+        self.content = content
+        self.popularity = popularity
+        self.history_column = history_column
+        self.recency = recency
+        self.features = features
+        self.copy_columns = copy_columns
+
+    def _needs(self) -> set[str]:
+        return {HISTORY_FEATURES[f].needs for f in self.features if f in HISTORY_FEATURES} - {""}
+
+    def validate_params(self) -> None:
+        super().validate_params()
+        unknown = [f for f in self.features if f not in HISTORY_FEATURES]
+        if unknown or not isinstance(self.features, (list, tuple)):
+            raise self._bad_param("features", f"a list drawn from {', '.join(HISTORY_FEATURES)}")
+        for param in _ARTIFACT_PARAMS:
+            if param in self._needs() and not getattr(self, param):
+                raise self._bad_param(param, "an artifact folder (a chosen feature reads it)")
+        if not _is_number(self.recency) or not 0 < self.recency <= 1:
+            raise self._bad_param("recency", "a number in (0, 1]")
+        if not isinstance(self.copy_columns, (list, tuple)) or not all(isinstance(c, str) for c in self.copy_columns):
+            raise self._bad_param("copy_columns", "a list of column names")
+        if not self.features and not self.copy_columns:
+            raise self._bad_param("features", "a non-empty list (or some copy_columns)")
+
+    def required_columns(self) -> pa.Schema:
+        fields = [pa.field(QUERY_ID, ANY), pa.field(ITEM_ID, ANY), pa.field(self.history_column, pa.list_(ANY))]
+        return pa.schema(fields + [pa.field(c, ANY) for c in self.copy_columns])
+
+    def produced_columns(self) -> pa.Schema:
+        names = [feature_column(f) for f in self.features] + [feature_column(c) for c in self.copy_columns]
+        return pa.schema([pa.field(n, pa.float32()) for n in names])
+
+    def warm_up(self) -> None:
+        super().warm_up()
+        if getattr(self, "loaded_", False):
+            return
+        from .popularity import load_popularity
+        from .user_vector import ItemVectors
+
+        needs = self._needs()
+        self.assoc_ = AssociationIndex.load(self.resolve_path(self.association)) if "association" in needs else None
+        self.vectors_ = ItemVectors.load(self.resolve_path(self.content)) if "content" in needs else None
+        self.popularity_ = None
+        if "popularity" in needs:
+            pop = load_popularity(self.resolve_path(self.popularity))
+            self.popularity_ = {
+                "ids": pop.column(ITEM_ID).combine_chunks(),
+                "count": np.log1p(pop.column("count").to_numpy().astype(np.float32)),
+                "recent": pop.column("recent").to_numpy().astype(np.float32),
+            }
+        self.loaded_ = True
+
+    def transform(self, table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        qid = table.column(QUERY_ID).combine_chunks()
+        # one history per query: rows of a query are contiguous after recall, but use the first
+        # row of each query id so that any order works
+        qcodes = pc.dictionary_encode(qid).indices.to_numpy(zero_copy_only=False).astype(np.int64) if n else np.zeros(0, np.int64)
+        nq = int(qcodes.max()) + 1 if n else 0
+        first = np.full(nq, -1, np.int64)
+        first[qcodes[::-1]] = np.arange(n)[::-1]
+        hist = table.column(self.history_column).combine_chunks().take(pa.array(first))
+        lengths = pc.fill_null(pc.list_value_length(hist), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat_hist = pc.list_flatten(hist)
+        items = table.column(ITEM_ID).combine_chunks()
+        out: dict[str, np.ndarray] = {}
+        if self.assoc_ is not None:
+            out.update(self._assoc(qcodes, lengths, flat_hist, items))
+        if self.vectors_ is not None:
+            out.update(self._content(qcodes, lengths, flat_hist, items))
+        if self.popularity_ is not None:
+            rows = lookup_positions(items, self.popularity_["ids"])
+            for name in ("count", "recent"):
+                values = self.popularity_[name][np.maximum(rows, 0)] if len(rows) else np.zeros(0, np.float32)
+                out[f"pop_{name}"] = np.where(rows >= 0, values, 0.0)
+        out["history_len"] = lengths[qcodes].astype(np.float32)
+        result = table.drop_columns([c for c in self.produced_columns().names if c in table.column_names])
+        for f in self.features:
+            result = result.append_column(pa.field(feature_column(f), pa.float32()), pa.array(out[f], pa.float32()))
+        for c in self.copy_columns:
+            values = pc.cast(table.column(c), pa.float32())
+            result = result.append_column(pa.field(feature_column(c), pa.float32()), values)
+        return keep_input_types(result, table.schema)
+
+    def _pairs(self, qcodes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every (candidate row, history slot) pair: row, flat history index, steps before the last item."""
+        starts = np.r_[0, np.cumsum(lengths)[:-1]] if len(lengths) else np.zeros(0, np.int64)
+        per_row = lengths[qcodes]
+        rows = np.repeat(np.arange(len(qcodes)), per_row)
+        offset = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        slot = np.repeat(starts[qcodes], per_row) + offset
+        back = np.repeat(per_row, per_row) - 1 - offset
+        return rows, slot, back
+
+    def _assoc(self, qcodes, lengths, flat_hist, items) -> dict[str, np.ndarray]:
+        index: AssociationIndex = self.assoc_
+        n = len(qcodes)
+        hist_pos, item_pos = index.positions(flat_hist), index.positions(items)
+        rows, slot, back = self._pairs(qcodes, lengths)
+        score = index.pair_scores(hist_pos[slot], item_pos[rows])
+        weighted = score * self.recency ** back.astype(np.float64)
+        total = np.bincount(rows, weights=weighted, minlength=n)
+        best = np.zeros(n)
+        np.maximum.at(best, rows, score)
+        hits = np.bincount(rows, weights=(score > 0).astype(np.float64), minlength=n)
+        match_back = np.full(n, np.inf)
+        is_best = (score > 0) & (score == best[rows])
+        np.minimum.at(match_back, rows[is_best], back[is_best].astype(np.float64))
+        last, prev = np.zeros(n), np.zeros(n)
+        last[rows[back == 0]] = score[back == 0]
+        prev[rows[back == 1]] = score[back == 1]
+        last_slot = np.cumsum(lengths) - 1
+        last_item = np.where(lengths[qcodes] > 0, hist_pos[np.maximum(last_slot[qcodes], 0)] if len(hist_pos) else -1, -1)
+        reverse = index.pair_scores(item_pos, last_item)
+        return {"assoc_last": last, "assoc_prev": prev, "assoc_sum": total, "assoc_max": best, "assoc_hits": hits,
+                "assoc_match_pos": np.where(np.isfinite(match_back), match_back, np.nan),
+                "assoc_reverse_last": reverse}
+
+    def _content(self, qcodes, lengths, flat_hist, items) -> dict[str, np.ndarray]:
+        vectors = self.vectors_
+        n = len(qcodes)
+        hist_rows, item_rows = vectors.rows(flat_hist), vectors.rows(items)
+        last, best, mean = (np.full(n, np.nan) for _ in range(3))
+        order = np.argsort(qcodes, kind="stable")
+        bounds = np.searchsorted(qcodes[order], np.arange(len(lengths) + 1))
+        starts = np.r_[0, np.cumsum(lengths)]
+        with threadpool_limits(1):  # thousands of tiny products: BLAS threads would only contend
+            self._content_loop(vectors, order, bounds, starts, lengths, hist_rows, item_rows, last, best, mean)
+        return {"sim_last": last, "sim_max": best, "sim_mean": mean}
+
+    def _content_loop(self, vectors, order, bounds, starts, lengths, hist_rows, item_rows, last, best, mean) -> None:
+        for q in range(len(lengths)):
+            rows = order[bounds[q]:bounds[q + 1]]
+            rows = rows[item_rows[rows] >= 0]
+            hist = hist_rows[starts[q]:starts[q + 1]]
+            known = hist >= 0
+            if not len(rows) or not known.any():
+                continue
+            sims = vectors.vectors[item_rows[rows]] @ vectors.vectors[hist[known]].T
+            weights = history_weights(len(hist), self.recency)[known]
+            best[rows] = sims.max(axis=1)
+            mean[rows] = sims @ weights / weights.sum()
+            if known[-1]:
+                last[rows] = sims[:, -1]
+
+
+def _artifact_folders(stage: Stage) -> list:
+    """The resolved artifact folders of a stage and of the sub-pipelines it runs (fused recall)."""
+    folders = [stage.resolve_path(getattr(stage, p)) for p in stage.path_params if getattr(stage, p, None)]
+    for _, _, sub in getattr(stage, "_pipelines", lambda: [])():
+        for inner in sub.stages:
+            folders += _artifact_folders(inner)
+    return folders
+
+
+def next_item_training(upstream: Pipeline, ctx: BuildContext, folder: Path) -> tuple[pa.Table, pa.Table, Pipeline]:
+    """What a ranker learns next-item recommendation from, without ever seeing its targets.
+
+    From ``[data] logs`` every user's last item becomes the target and the items before it the
+    history (:func:`pipeline.data.next_item_targets`). Candidates and features for those
+    queries must come from artifacts learned *without* the targets — otherwise the association
+    between a user's last two items would contain that very pair and the ranker would learn to
+    trust it too much. So the upstream stages are cloned with their artifact folders re-rooted
+    under ``folder`` and built there from the logs minus each user's last item (``folder`` /
+    ``prior_logs.parquet``). The serving artifacts are copied in first, so a build that does
+    not depend on the logs (the item embeddings) is found up to date instead of redone.
+
+    Returns ``(queries, judgments, training upstream)``. Artifact paths must be relative (to
+    the config's folder) for the re-rooting to apply.
+    """
+    import dataclasses
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.data import next_item_targets, read_logs
+    from pipeline.errors import ConfigError
+
+    queries, judgments, prior = next_item_targets(read_logs(ctx.data_path("logs")))
+    folder.mkdir(parents=True, exist_ok=True)
+    logs_file = folder / "prior_logs.parquet"
+    pq.write_table(prior, logs_file)
+    stages = []
+    for stage in upstream.stages:
+        clone = stage.clone()
+        clone._base_dir = folder
+        for src, dst in zip(_artifact_folders(stage), _artifact_folders(clone)):
+            if folder.resolve() not in dst.parents:
+                raise ConfigError(f"stage '{stage.name}': artifact path {src} is absolute; next-item ranker training "
+                                  "rebuilds upstream artifacts in its own folder and needs paths relative to the config")
+            if src.exists() and not dst.exists():
+                shutil.copytree(src, dst)
+        stages.append(clone)
+    sub_ctx = BuildContext(dataclasses.replace(ctx.config, data={**ctx.config.data, "logs": str(logs_file)}),
+                      force=ctx.force, progress=ctx.progress, log=ctx.log)
+    for i, stage in enumerate(stages):
+        if hasattr(stage, "build"):
+            before = Pipeline(stages[:i], inputs=upstream.inputs) if i else None
+            ctx.log("  (ranker training view, logs without each user's last item) " + stage.build(before, sub_ctx))
+    return queries, judgments, Pipeline(stages, inputs=upstream.inputs)

@@ -1,0 +1,146 @@
+"""``funnel bench``: the report's contract on the demo shop (small sizes), and its tools on hand cases.
+
+No test asserts a timing: timings are only checked to be present and positive.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from pipeline.bench import BARE_SCRIPT, _load_bare, latency_summary, pareto_front, stored_vectors, synthetic_vectors
+from pipeline.cli import main
+
+STAGE_KEYS = {"name", "device", "rows_in", "rows_out", "p50_ms", "p95_ms", "p99_ms", "p50_ms_per_query",
+              "p95_ms_per_query", "p99_ms_per_query", "throughput_rows_per_s", "recall_at_k"}
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def bench_report(demo_shop, tmp_path_factory):
+    ranker = demo_shop / "artifacts" / "ranker"
+    out = tmp_path_factory.mktemp("bench")
+    result = invoke("bench", demo_shop / "pipeline.toml", "--queries", ranker / "holdout_queries.parquet",
+                    "--judgments", ranker / "holdout_judgments.parquet", "--out", out, "--repeats", 2, "--warmup", 1,
+                    "--batch-size", 8, "--max-queries", 24, "--encoder-texts", 24, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "queries/s" in result.output
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_report_has_every_stage_with_latency_and_recall(bench_report, demo_shop):
+    out, report = bench_report
+    names = [s["name"] for s in report["stages"]]
+    assert names == ["encode.sentence_transformers", "recall.faiss", "lookup.catalog", "filter.rules", "features.text",
+                     "rank.lightgbm", "display.topn"]
+    for s in report["stages"]:
+        assert STAGE_KEYS <= set(s), s["name"]
+        assert s["device"] == "cpu" and s["p50_ms"] > 0 and s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"]
+    recall, display = report["stages"][1], report["stages"][-1]
+    assert recall["rows_in"] == 24 and recall["rows_out"] == 24 * 100 and recall["k"] == 100
+    assert 0 < recall["recall_at_k"] <= 1 and 0 < recall["ann_recall_at_k"] <= 1
+    assert recall["ann_k"] == 100 and 0 < recall["ann_recall_at_10"] <= 1
+    assert display["k"] == 10 and display["recall_at_k"] <= recall["recall_at_k"]
+    e = report["end_to_end"]
+    assert e["queries"] == 24 and e["batches"] == 3 and e["queries_per_s"] > 0 and e["peak_rss_mb"] > 0
+    assert 0 <= e["quality"]["ndcg@10"] <= 1 and e["single_query"]["queries"] == 24
+    fp = report["fingerprint"]
+    assert fp["cores"] >= 1 and fp["cpu"] and "torch" in fp["libraries"] and "torch" in fp["threads"]
+    assert len(report["load_average"]["start"]) == 3
+    assert (out / "report.md").read_text().startswith("# funnel bench: demo")
+    assert (out / "stages.png").stat().st_size > 1000 and report["plots"] == ["stages.png"]
+
+
+@pytest.mark.skipif(not BARE_SCRIPT.exists(), reason="benchmarks/bare_pipeline.py is not in this checkout")
+def test_bare_pipeline_returns_the_same_lists_and_gives_an_overhead_ratio(bench_report):
+    _, report = bench_report
+    o = report["overhead"]
+    assert o["agreement"] == 1.0
+    assert o["overhead_ratio"] > 0 and o["bare_s_per_pass"] > 0
+    assert report["end_to_end"]["single_query"]["bare_p50_ms"] > 0
+
+
+def test_encoder_is_compared_with_bare_sentence_transformers(bench_report):
+    enc = bench_report[1]["encoder"]
+    assert set(enc["sets"]) == {"queries", "items"}
+    for s in enc["sets"].values():
+        configured = next(v for k, v in s["variants"].items() if k.startswith("configured"))
+        assert configured["cosine_min"] > 0.9999 and configured["speedup"] > 0
+        assert s["variants"]["bf16"]["cosine_min"] > 0.99
+
+
+@pytest.mark.slow
+def test_sweeps_and_synthetic_ann_write_pareto_plots(demo_shop, tmp_path):
+    ranker = demo_shop / "artifacts" / "ranker"
+    result = invoke("bench", demo_shop / "pipeline.toml", "--queries", ranker / "holdout_queries.parquet",
+                    "--judgments", ranker / "holdout_judgments.parquet", "--out", tmp_path, "--repeats", 1,
+                    "--warmup", 0, "--max-queries", 16, "--batch-size", 16, "--encoder-texts", 0, "--no-bare",
+                    "--sweep", "--ann-size", 3000, "--ann-dim", 32, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["overhead"] is None and report["encoder"] is None
+    index = report["sweeps"]["index"][0]
+    assert {p["family"] for p in index["points"]} >= {"configured HNSW32", "Flat"}
+    flat = [p for p in index["points"] if p["family"] == "Flat"]
+    assert flat[0]["recall_at_k"] == 1.0
+    assert index["pareto"] and all(p in index["points"] for p in index["pareto"])
+    pipe = report["sweeps"]["pipeline"]
+    assert {p["param"] for p in pipe["points"]} == {"k", "ef_search"} and pipe["pareto"]
+    assert [p["batch_size"] for p in report["sweeps"]["batch_size"]] == [1, 16]
+    ann = report["ann"]
+    assert ann["vectors"] == 3000 and any(p["family"].startswith("funnel recall.faiss") for p in ann["points"])
+    assert {"stages.png", "sweep_index_1.png", "sweep_pipeline.png", "sweep_batch_size.png",
+            "ann_synthetic.png"} <= set(report["plots"])
+    for name in report["plots"]:
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_bare_baseline_refuses_a_stage_it_does_not_cover(tmp_path):
+    module = _load_bare()
+    if module is None:
+        pytest.skip("benchmarks/bare_pipeline.py is not in this checkout")
+    config = tmp_path / "bm25.toml"
+    config.write_text('[[stages]]\ntype = "recall.bm25"\n')
+    with pytest.raises(module.Unsupported, match="recall.bm25"):
+        module.BarePipeline(config)
+
+
+def test_latency_summary_percentiles_per_batch_and_per_query():
+    s = latency_summary([0.010, 0.020, 0.030, 0.040, 0.100], [10, 10, 10, 10, 20])
+    assert s["p50_ms"] == pytest.approx(30.0)
+    assert s["p95_ms"] == pytest.approx(88.0)  # numpy's linear interpolation: 40 + 0.8 * 60
+    assert s["p50_ms_per_query"] == pytest.approx(3.0)
+    assert s["p99_ms_per_query"] == pytest.approx(4.96)  # per query 1, 2, 3, 4, 5 ms: 4 + 0.96 * 1
+    assert latency_summary([])["p50_ms"] is None
+
+
+def test_pareto_front_keeps_only_points_nobody_beats():
+    points = [{"name": "a", "recall": 0.90, "ms": 1.0}, {"name": "b", "recall": 0.95, "ms": 2.0},
+              {"name": "c", "recall": 0.93, "ms": 3.0},  # beaten by b: lower recall, slower
+              {"name": "d", "recall": 0.99, "ms": 5.0}, {"name": "e", "recall": 0.90, "ms": 1.5},  # beaten by a
+              {"name": "f", "recall": None, "ms": 0.1}]
+    front = pareto_front(points, quality="recall", cost="ms")
+    assert [p["name"] for p in front] == ["a", "b", "d"]
+
+
+def test_synthetic_vectors_are_normalised_and_reproducible():
+    xb, xq = synthetic_vectors(500, 16, n_queries=20, seed=3)
+    assert xb.shape == (500, 16) and xq.shape == (20, 16) and xb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(xb, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(synthetic_vectors(500, 16, n_queries=20, seed=3)[0], xb)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8", "IVF4,Flat"])
+def test_stored_vectors_are_the_indexed_vectors(factory):
+    from indexes.faiss_index import FaissIndex
+
+    xb, _ = synthetic_vectors(300, 8, n_queries=1, seed=0)
+    index = FaissIndex.build(xb, pa.array(np.arange(300)), factory=factory, normalize=False)
+    np.testing.assert_allclose(stored_vectors(index._cpu_index), xb, atol=1e-6)
