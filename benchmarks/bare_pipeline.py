@@ -133,17 +133,21 @@ def _rule(rule: dict) -> pl.Expr:
 class BarePipeline:
     """A config's pipeline as plain library calls. ``run(queries) -> polars.DataFrame``.
 
+    After a run, ``step_seconds`` holds the seconds each step took, in config order.
+
     ``top`` overrides the display stage's ``n`` (as ``funnel run --top`` does); ``device``
-    overrides the encoder's and the index's device (``"cpu"`` or ``"cuda"``).
+    overrides the encoder's device (``"cpu"`` or ``"cuda"``); ``overrides`` replaces parameters,
+    ``{stage type: {param: value}}`` (as ``funnel bench --set`` does).
     """
 
-    def __init__(self, config: str | Path, *, top: int | None = None, device: str | None = None):
+    def __init__(self, config: str | Path, *, top: int | None = None, device: str | None = None,
+                 overrides: dict[str, dict] | None = None):
         config = Path(config)
         doc = tomllib.loads(config.read_text(encoding="utf-8"))
         self.base = config.resolve().parent
         self.steps = []
         for spec in doc["stages"]:
-            kind, params = spec["type"], dict(spec.get("params", {}))
+            kind, params = spec["type"], {**spec.get("params", {}), **(overrides or {}).get(spec["type"], {})}
             if kind not in SUPPORTED:
                 raise Unsupported(f"stage type {kind!r} (bare pipeline supports {', '.join(SUPPORTED)})")
             if kind == "display.topn" and top is not None:
@@ -209,7 +213,9 @@ class BarePipeline:
 
         df = queries if isinstance(queries, pl.DataFrame) else pl.from_arrow(queries)
         emb = None
+        self.step_seconds = []
         for (kind, p), s in zip(self.steps, self.state):
+            t0 = time.perf_counter()
             if kind == "encode.sentence_transformers":
                 precision = p.get("precision", "fp32")
                 ctx = (contextlib.nullcontext() if precision == "fp32" else
@@ -256,6 +262,7 @@ class BarePipeline:
                     df = df.filter(pl.col(p["cap_column"]).is_null() | (seen < p["cap"]))
                 df = (df.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("query_id").alias("rank"))
                       .filter(pl.col("rank") <= p.get("n", 10)).drop("_pos"))
+            self.step_seconds.append(time.perf_counter() - t0)
         return df
 
 

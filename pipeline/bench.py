@@ -68,7 +68,7 @@ from .columns import ITEM_ID, QUERY, QUERY_ID, RANK, SCORE
 from .errors import ConfigError, DataError
 from .stage import Pipeline, Stage, StageStats
 
-__all__ = ["BenchOptions", "run_bench", "fingerprint", "latency_summary", "pareto_front", "synthetic_vectors",
+__all__ = ["BenchOptions", "run_bench", "parse_override", "fingerprint", "latency_summary", "pareto_front", "synthetic_vectors",
            "stored_vectors", "ann_recall", "BARE_SCRIPT"]
 
 #: The bare-library baseline, found in a source checkout next to the ``pipeline`` package.
@@ -96,8 +96,40 @@ class BenchOptions:
     ann_size: int = 0
     ann_dim: int = 384
     threads: int | None = None
+    overrides: dict[str, dict[str, Any]] | None = None
     progress: bool = True
     seed: int = 0
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"encode.sentence_transformers.precision=bf16"`` -> ``(stage type, parameter, value)``.
+
+    The value is read as a TOML value (``256``, ``true``, ``"text"``, ``[1, 2]``) and, when it is
+    not one, taken as a plain string; it is never evaluated as code.
+    """
+    import tomllib
+
+    key, sep, raw = text.partition("=")
+    stage, dot, param = key.strip().rpartition(".")
+    if not sep or not dot or "." not in stage or not param:
+        raise ConfigError(f"--set expects STAGE_TYPE.PARAM=VALUE, such as encode.sentence_transformers.batch_size=256; got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return stage, param, value
+
+
+def _with_overrides(pipe: Pipeline, overrides: dict[str, dict[str, Any]] | None) -> Pipeline:
+    """``pipe`` with the parameters in ``overrides`` (``{stage type: {param: value}}``) replaced."""
+    if not overrides:
+        return pipe
+    unknown = set(overrides) - {s.name for s in pipe.stages}
+    if unknown:
+        raise ConfigError(f"--set names stage type(s) {sorted(unknown)} that the pipeline does not have; "
+                          f"it has {', '.join(dict.fromkeys(pipe.stage_names()))}")
+    stages = [s.clone(**overrides[s.name]) if s.name in overrides else s for s in pipe.stages]
+    return Pipeline(stages, inputs=pipe.inputs)
 
 
 # -- machine ------------------------------------------------------------------------------------
@@ -397,13 +429,14 @@ class _Timings:
     bare_batches: list[float]
     bare_passes: list[float]
     bare_cpu_passes: list[float]
+    bare_steps: list[list[float]]
 
 
 def _timed_passes(pipe: Pipeline, batches: list[pa.Table], *, repeats: int, bare=None, progress: bool = True) -> _Timings:
     """``repeats`` timed passes; with ``bare``, each batch runs through both, alternating which goes
     first. CPU time (``time.process_time``, all threads) is kept beside wall time: on a loaded
     machine it varies far less."""
-    t = _Timings([], [], [], [], [], [], [])
+    t = _Timings([], [], [], [], [], [], [], [])
     bare_inputs = [pl.from_arrow(b) for b in batches] if bare is not None else []
     runners = {"funnel": lambda j: pipe.run(batches[j], t.stats), "bare": lambda j: bare.run(bare_inputs[j])}
     with _bar(len(batches) * repeats, "timed passes", progress) as bar:
@@ -419,6 +452,8 @@ def _timed_passes(pipe: Pipeline, batches: list[pa.Table], *, repeats: int, bare
                     cpu[who] += time.process_time() - c0
                     wall[who] += dt
                     (t.batches if who == "funnel" else t.bare_batches).append(dt)
+                    if who == "bare":
+                        t.bare_steps.append(list(getattr(bare, "step_seconds", [])))
                 bar.update()
             t.passes.append(wall["funnel"])
             t.cpu_passes.append(cpu["funnel"])
@@ -498,12 +533,9 @@ def _encoder_bench(encoder: Stage, texts: dict[str, list[str]], repeats: int, sw
     bare.eval()
     variants = {f"configured ({encoder.precision}, batch {encoder.batch_size})": encoder}
     fast = "bf16" if encoder.device_ == "cpu" else "fp16"
-    if encoder.precision != fast:
-        variants[f"{fast}"] = _clone_warm(encoder, precision=fast)
-    if sweep:
-        for bs in (16, 32, 128, 256):
-            if bs != encoder.batch_size:
-                variants[f"{fast}, batch {bs}"] = _clone_warm(encoder, precision=fast, batch_size=bs)
+    for bs in sorted({encoder.batch_size, 256} | ({32, 64, 128} if sweep else set())):
+        if (fast, bs) != (encoder.precision, encoder.batch_size):
+            variants[f"{fast}, batch {bs}"] = _clone_warm(encoder, precision=fast, batch_size=bs)
     report = {"bare": f"SentenceTransformer.encode fp32 (batch_size 32, normalize_embeddings={encoder.normalize})",
               "device": encoder.device_, "torch_threads": torch.get_num_threads(), "sets": {}}
     runs = max(1, min(repeats, 3))
@@ -897,7 +929,8 @@ def _markdown(r: dict) -> str:
     fp, e = r["fingerprint"], r["end_to_end"]
     lines = [f"# funnel bench: {r['config_name']}", "",
              f"Config `{r['config']}`, {e['queries']} queries from `{r['queries']}`, batches of {e['batch_size']}, "
-             f"{r['warmup']} warm-up + {r['repeats']} timed passes.", "",
+             f"{r['warmup']} warm-up + {r['repeats']} timed passes"
+             + (f"; parameters replaced: `{json.dumps(r['overrides'])}`" if r.get("overrides") else "") + ".", "",
              f"Machine `{fp['id']}`: {fp['cpu']}, {fp['cores']} cores ({', '.join(fp['cpu_flags'])}), "
              f"{fp['memory_gb']} GB; GPU: {fp['gpu']['name'] + ' (driver ' + str(fp['gpu'].get('driver')) + ')' if fp['gpu'] else 'none'}; "
              f"threads {fp['threads']}; load average {r['load_average']['start']} at start, "
@@ -911,14 +944,16 @@ def _markdown(r: dict) -> str:
     if e.get("quality"):
         lines += ["Quality of the final output: " + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in e["quality"].items()), ""]
     lines += ["## Stages", "",
-              "| step | stage | device | rows in | rows out | p50 ms | p95 ms | p99 ms | p50 ms/query | rows/s | share | recall@k | ANN recall@k |",
-              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| step | stage | device | rows in | rows out | p50 ms | p95 ms | p99 ms | p50 ms/query | rows/s | share | "
+              "bare p50 ms | Funnel/bare | recall@k | ANN recall@k |",
+              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in r["stages"]:
         rec = f"{_fmt(s.get('recall_at_k'), 3)} @{s['k']}" if s.get("recall_at_k") is not None else "–"
         ann = f"{_fmt(s.get('ann_recall_at_k'), 3)} @{s['ann_k']}" if s.get("ann_recall_at_k") is not None else "–"
         lines.append(f"| {s['step']} | {s['name']} | {s['device']} | {s['rows_in']} | {s['rows_out']} | {_fmt(s['p50_ms'])} | "
                      f"{_fmt(s['p95_ms'])} | {_fmt(s['p99_ms'])} | {_fmt(s['p50_ms_per_query'], 3)} | "
-                     f"{_fmt(s['throughput_rows_per_s'], 0)} | {_fmt(s['share_of_time'])} | {rec} | {ann} |")
+                     f"{_fmt(s['throughput_rows_per_s'], 0)} | {_fmt(s['share_of_time'])} | {_fmt(s.get('bare_p50_ms'))} | "
+                     f"{_fmt(s.get('overhead_ratio'), 3)} | {rec} | {ann} |")
     lines += ["", "![stages](stages.png)", ""]
     o = r.get("overhead")
     if o:
@@ -935,7 +970,9 @@ def _markdown(r: dict) -> str:
                       f"**{_fmt(o['overhead_ratio'], 3)}** | {_fmt(o['paired_median_ratio'], 3)} | {_fmt(o['cpu_overhead_ratio'], 3)} | "
                       f"{_fmt(o['agreement'], 3)} |",
                       f"| one query alone (p50 ms) | {_fmt(sq.get('funnel_p50_ms'))} | {_fmt(sq.get('bare_p50_ms'))} | "
-                      f"{_fmt(sq.get('overhead_ratio_p50'), 3)} | | | |", ""]
+                      f"{_fmt(sq.get('overhead_ratio_p50'), 3)} | | | |", "",
+                      f"Stages after the encoder only (Funnel seconds / bare seconds): "
+                      f"**{_fmt(o.get('overhead_ratio_after_encoder'), 3)}**. The encoder itself is compared below.", ""]
     enc = r.get("encoder")
     if enc:
         lines += ["## Encoder against bare sentence-transformers", "", f"Baseline: {enc['bare']} on {enc['device']}, "
@@ -1007,7 +1044,7 @@ def run_bench(config: str | Path, options: BenchOptions, *, echo: Callable[[str]
     if options.repeats < 1 or options.warmup < 0:
         raise ConfigError(f"bench needs repeats >= 1 and warmup >= 0; got {options.repeats} and {options.warmup}")
     cfg = load_config(config)
-    pipe = _with_device(cfg.build(), options.device)
+    pipe = _with_device(_with_overrides(cfg.build(), options.overrides), options.device)
     if options.top is not None:
         pipe = pipe.with_top(options.top)
     top = next((getattr(s, s.top_param) for s in reversed(pipe.stages) if s.top_param), 10)
@@ -1041,7 +1078,7 @@ def run_bench(config: str | Path, options: BenchOptions, *, echo: Callable[[str]
             bare_note = f"{BARE_SCRIPT} not found (the bare baseline needs a source checkout)"
         else:
             try:
-                bare = module.BarePipeline(config, top=options.top, device=options.device)
+                bare = module.BarePipeline(config, top=options.top, device=options.device, overrides=options.overrides)
             except module.Unsupported as exc:
                 bare_note = f"the bare pipeline does not cover this config: {exc}"
         if bare_note and options.bare:
@@ -1078,6 +1115,10 @@ def run_bench(config: str | Path, options: BenchOptions, *, echo: Callable[[str]
             row.update({"ann_k": ann["k"], "ann_recall_at_k": ann["ann_recall_at_k"], "ann_reference": ann["exact_reference"]})
             if ann["k"] > 10:
                 row["ann_recall_at_10"] = ann_recall(stage, vectors[i], 10)["ann_recall_at_k"]
+        bare_steps = [steps[i] for steps in timings.bare_steps if len(steps) == len(pipe)]
+        if bare_steps:
+            row.update({"bare_p50_ms": latency_summary(bare_steps)["p50_ms"],
+                        "overhead_ratio": s.total_seconds / max(sum(bare_steps), 1e-12)})
         stage_rows.append(row)
     pass_s = _median(timings.passes)
     end_to_end = {"queries": queries.num_rows, "batch_size": batch_size, "batches": len(batches), "top": top,
@@ -1087,12 +1128,16 @@ def run_bench(config: str | Path, options: BenchOptions, *, echo: Callable[[str]
     overhead = None
     if bare is not None:
         paired = [f / b for f, b in zip(timings.batches, timings.bare_batches) if b > 0]
+        after_encoder = [r for r in stage_rows[1:] if "overhead_ratio" in r] if pipe.stages[0].name.startswith("encode.") else []
+        funnel_rest = sum(stats[r["step"] - 1].total_seconds for r in after_encoder)
+        bare_rest = sum(sum(steps[1:]) for steps in timings.bare_steps if len(steps) == len(pipe))
         overhead = {"bare_script": "benchmarks/bare_pipeline.py", "funnel_s_per_pass": pass_s,
                     "bare_s_per_pass": _median(timings.bare_passes),
                     "overhead_ratio": sum(timings.passes) / sum(timings.bare_passes),
                     "paired_median_ratio": _median(paired),
                     "cpu_overhead_ratio": sum(timings.cpu_passes) / max(sum(timings.bare_cpu_passes), 1e-9),
                     "bare_queries_per_s": queries.num_rows / _median(timings.bare_passes),
+                    "overhead_ratio_after_encoder": funnel_rest / bare_rest if after_encoder and bare_rest else None,
                     "agreement": _agreement(tables[last], bare_out) if last in tables else None}
     elif bare_note:
         overhead = {"skipped": bare_note}
@@ -1124,7 +1169,7 @@ def run_bench(config: str | Path, options: BenchOptions, *, echo: Callable[[str]
     report = {
         "config": str(config), "config_name": cfg.name, "queries": str(options.queries),
         "judgments": str(options.judgments) if options.judgments else None, "repeats": options.repeats,
-        "warmup": options.warmup, "device": options.device, "fingerprint": fingerprint(),
+        "warmup": options.warmup, "device": options.device, "overrides": options.overrides, "fingerprint": fingerprint(),
         "load_average": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "end_to_end": end_to_end, "stages": stage_rows, "overhead": overhead, "encoder": enc_report,
         "sweeps": sweeps, "ann": ann, "peak_rss_mb_total": _peak_rss_mb(),

@@ -119,7 +119,8 @@ def train() -> None:
 @click.option("--version", "version", help=VERSION_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_ranker(config: Path, force: bool, version: str | None, quiet: bool) -> None:
-    """Train the LightGBM ranker of CONFIG from its [data] judgments (split by query).
+    """Train the LightGBM ranker of CONFIG from its [data] judgments (split by query), or from
+    next-item targets of its [data] logs (each user's last item) when it has no judgments.
 
     Artifacts the ranker depends on (index, item snapshot) are built first if needed.
     """
@@ -449,10 +450,13 @@ def demo(workdir: Path, items: int, queries: int, seed: int, device: str | None,
               help="Also compare recall.faiss with faiss and hnswlib on N synthetic clustered vectors (0: off).")
 @click.option("--ann-dim", default=384, show_default=True, type=click.IntRange(min=2), help="Dimension of those vectors.")
 @click.option("--threads", type=click.IntRange(min=1), help="Pin torch and faiss to N threads (default: theirs).")
+@click.option("--set", "overrides", multiple=True, metavar="TYPE.PARAM=VALUE",
+              help="Replace a stage parameter for this run (repeatable), e.g. encode.sentence_transformers.precision=bf16; "
+                   "the bare baseline gets the same.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def bench(config: Path, queries: Path, judgments: Path | None, out: Path, device: str | None, repeats: int, warmup: int,
           batch_size: int | None, top: int | None, max_queries: int | None, bare: bool | None, encoder_texts: int,
-          sweep: bool, ann_size: int, ann_dim: int, threads: int | None, quiet: bool) -> None:
+          sweep: bool, ann_size: int, ann_dim: int, threads: int | None, overrides: tuple[str, ...], quiet: bool) -> None:
     """Latency, throughput and recall of CONFIG per stage; overhead against the bare libraries.
 
     Runs the pipeline over QUERIES with warm-up and repeated timed passes and writes
@@ -462,12 +466,16 @@ def bench(config: Path, queries: Path, judgments: Path | None, out: Path, device
     The bare-library baseline and the encoder comparison run in the same process, interleaved.
     Compare timings only within one report: other load on the machine shifts them all.
     """
-    from .bench import BenchOptions, run_bench
+    from .bench import BenchOptions, parse_override, run_bench
 
+    params: dict[str, dict] = {}
+    for text in overrides:
+        stage, param, value = parse_override(text)
+        params.setdefault(stage, {})[param] = value
     options = BenchOptions(queries=queries, out=out, judgments=judgments, device=device, repeats=repeats,
                            warmup=warmup, batch_size=batch_size, top=top, max_queries=max_queries, bare=bare,
                            encoder_texts=encoder_texts, sweep=sweep, ann_size=ann_size, ann_dim=ann_dim,
-                           threads=threads, progress=not quiet)
+                           threads=threads, overrides=params or None, progress=not quiet)
     report = run_bench(config, options, echo=click.echo)
     e, o = report["end_to_end"], report.get("overhead") or {}
     line = f"{e['queries']} queries: {e['queries_per_s']:.1f} queries/s, p50 {e['p50_ms']:.1f} ms per batch of {e['batch_size']}"

@@ -27,6 +27,12 @@ to ``__init__``; nothing in a config is ever evaluated as code.
 
 Relative paths in ``[data]`` are read relative to the config file's folder. Relative artifact
 paths in stage parameters must stay inside that folder (write an absolute path to leave it).
+
+Versions: ``{version}`` in a stage parameter (``index = "artifacts/{version}/association"``) is
+replaced by ``[pipeline] version`` or the ``--version`` option of ``funnel build`` / ``run``, so
+each build of new data writes a folder of its own and an older version stays loadable
+(rollback). ``[data] logs`` names interaction logs (``user_id``, ``items`` in time order) that
+recommendation stages learn from; ``funnel build --logs FILE`` replaces it for one build.
 """
 
 from __future__ import annotations

@@ -287,8 +287,8 @@ def _explain(exc: Exception) -> Exception:
             return cur
         cur = cur.__cause__ or cur.__context__
     text = str(exc)
-    for name, message in re.findall(r"^pipeline\.errors\.(\w+): (.+)$", text, re.M):
-        cls = getattr(errors, name, None)
+    for module, name, message in re.findall(r"^pipeline\.(errors|runner)\.(\w+): (.+)$", text, re.M):
+        cls = getattr(errors, name, None) if module == "errors" else errors.DataError
         if isinstance(cls, type) and issubclass(cls, FunnelError):
             return cls(message)
     raised = [m for m in re.findall(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, re.M)

@@ -90,8 +90,7 @@ class AssociationIndex:
             if not same.any():
                 break
             first, later = np.flatnonzero(same), np.flatnonzero(same) + d
-            w = decay ** (d - 1) * (log_recency ** steps_to_end[later] if log_recency != 1.0 else 1.0)
-            w = np.broadcast_to(np.asarray(w, np.float64), first.shape)
+            w = decay ** (d - 1) * log_recency ** steps_to_end[later].astype(np.float64)
             rows += [flat[first], flat[later]]
             cols += [flat[later], flat[first]]
             vals += [forward * w, backward * w]

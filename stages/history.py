@@ -185,13 +185,10 @@ class HistoryFeatures(Stage):
 
     def transform(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
-        qid = table.column(QUERY_ID).combine_chunks()
-        # one history per query: rows of a query are contiguous after recall, but use the first
-        # row of each query id so that any order works
-        qcodes = pc.dictionary_encode(qid).indices.to_numpy(zero_copy_only=False).astype(np.int64) if n else np.zeros(0, np.int64)
-        nq = int(qcodes.max()) + 1 if n else 0
-        first = np.full(nq, -1, np.int64)
-        first[qcodes[::-1]] = np.arange(n)[::-1]
+        qcodes = pc.dictionary_encode(table.column(QUERY_ID).combine_chunks()).indices
+        qcodes = qcodes.to_numpy(zero_copy_only=False).astype(np.int64)
+        first = np.full(int(qcodes.max(initial=-1)) + 1, -1, np.int64)
+        first[qcodes[::-1]] = np.arange(n)[::-1]  # each query's history, read once from its first row
         hist = table.column(self.history_column).combine_chunks().take(pa.array(first))
         lengths = pc.fill_null(pc.list_value_length(hist), 0).to_numpy(zero_copy_only=False).astype(np.int64)
         flat_hist = pc.list_flatten(hist)

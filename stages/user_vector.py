@@ -13,7 +13,7 @@ from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file
 from pipeline.build import BuildContext
 from pipeline.columns import HISTORY, ITEM_ID, QUERY_ID, RANK, SCORE, SOURCE
 from pipeline.data import read_catalog
-from pipeline.errors import ArtifactError, DeviceError
+from pipeline.errors import DeviceError
 from pipeline.schema import ANY
 from pipeline.stage import Pipeline, Stage, StageTags
 
@@ -27,8 +27,8 @@ __all__ = ["UserVectorRecall", "ItemVectors"]
 class ItemVectors:
     """The item embeddings of a FAISS index folder, L2-normalised, with an id -> row lookup.
 
-    Read back from the index itself (a Flat or HNSW index stores them exactly; IVF indexes get a
-    direct map first), so the content recall and the history features share one artifact.
+    Read back from the index itself (exact for Flat, HNSW and IVF-Flat indexes), so the content
+    recall and the history features share one artifact.
     """
 
     def __init__(self, ids: pa.Array, vectors: np.ndarray):
@@ -37,16 +37,7 @@ class ItemVectors:
 
     @classmethod
     def from_index(cls, index: FaissIndex) -> "ItemVectors":
-        raw = faiss.downcast_index(index._cpu_index)  # the CPU copy: FaissIndex has no public accessor for it
-        try:
-            ivf = faiss.try_extract_index_ivf(raw)
-            if ivf is not None:
-                ivf.make_direct_map()
-            vectors = raw.reconstruct_n(0, raw.ntotal)
-        except RuntimeError as exc:
-            raise ArtifactError(f"faiss index at {index.location} ({index.factory!r}) cannot give back its vectors "
-                                f"({exc}); use a Flat, HNSW or IVF*,Flat factory") from exc
-        vectors = np.ascontiguousarray(vectors, np.float32)
+        vectors = np.ascontiguousarray(index.vectors(np.arange(index.ntotal)), np.float32)
         faiss.normalize_L2(vectors)
         return cls(index.ids, vectors)
 

@@ -12,7 +12,9 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from pipeline.bench import BARE_SCRIPT, _load_bare, latency_summary, pareto_front, stored_vectors, synthetic_vectors
+from pipeline import ConfigError
+from pipeline.bench import (BARE_SCRIPT, _load_bare, latency_summary, pareto_front, parse_override, stored_vectors,
+                            synthetic_vectors)
 from pipeline.cli import main
 
 STAGE_KEYS = {"name", "device", "rows_in", "rows_out", "p50_ms", "p95_ms", "p99_ms", "p50_ms_per_query",
@@ -29,7 +31,8 @@ def bench_report(demo_shop, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     result = invoke("bench", demo_shop / "pipeline.toml", "--queries", ranker / "holdout_queries.parquet",
                     "--judgments", ranker / "holdout_judgments.parquet", "--out", out, "--repeats", 2, "--warmup", 1,
-                    "--batch-size", 8, "--max-queries", 24, "--encoder-texts", 24, "--quiet")
+                    "--batch-size", 8, "--max-queries", 24, "--encoder-texts", 24,
+                    "--set", "encode.sentence_transformers.batch_size=16", "--quiet")
     assert result.exit_code == 0, result.output
     assert "queries/s" in result.output
     return out, json.loads((out / "report.json").read_text())
@@ -54,6 +57,7 @@ def test_report_has_every_stage_with_latency_and_recall(bench_report, demo_shop)
     fp = report["fingerprint"]
     assert fp["cores"] >= 1 and fp["cpu"] and "torch" in fp["libraries"] and "torch" in fp["threads"]
     assert len(report["load_average"]["start"]) == 3
+    assert report["overrides"] == {"encode.sentence_transformers": {"batch_size": 16}}
     assert (out / "report.md").read_text().startswith("# funnel bench: demo")
     assert (out / "stages.png").stat().st_size > 1000 and report["plots"] == ["stages.png"]
 
@@ -63,7 +67,8 @@ def test_bare_pipeline_returns_the_same_lists_and_gives_an_overhead_ratio(bench_
     _, report = bench_report
     o = report["overhead"]
     assert o["agreement"] == 1.0
-    assert o["overhead_ratio"] > 0 and o["bare_s_per_pass"] > 0
+    assert o["overhead_ratio"] > 0 and o["bare_s_per_pass"] > 0 and o["overhead_ratio_after_encoder"] > 0
+    assert all(s["bare_p50_ms"] > 0 and s["overhead_ratio"] > 0 for s in report["stages"])
     assert report["end_to_end"]["single_query"]["bare_p50_ms"] > 0
 
 
@@ -71,9 +76,9 @@ def test_encoder_is_compared_with_bare_sentence_transformers(bench_report):
     enc = bench_report[1]["encoder"]
     assert set(enc["sets"]) == {"queries", "items"}
     for s in enc["sets"].values():
-        configured = next(v for k, v in s["variants"].items() if k.startswith("configured"))
+        configured = s["variants"]["configured (fp32, batch 16)"]
         assert configured["cosine_min"] > 0.9999 and configured["speedup"] > 0
-        assert s["variants"]["bf16"]["cosine_min"] > 0.99
+        assert s["variants"]["bf16, batch 256"]["cosine_min"] > 0.99
 
 
 @pytest.mark.slow
@@ -110,6 +115,14 @@ def test_bare_baseline_refuses_a_stage_it_does_not_cover(tmp_path):
     config.write_text('[[stages]]\ntype = "recall.bm25"\n')
     with pytest.raises(module.Unsupported, match="recall.bm25"):
         module.BarePipeline(config)
+
+
+def test_overrides_are_toml_values_or_plain_strings():
+    assert parse_override("encode.sentence_transformers.batch_size=256") == ("encode.sentence_transformers", "batch_size", 256)
+    assert parse_override("encode.sentence_transformers.precision=bf16") == ("encode.sentence_transformers", "precision", "bf16")
+    assert parse_override('filter.rules.rules=[{column = "a", op = "is_null"}]')[2] == [{"column": "a", "op": "is_null"}]
+    with pytest.raises(ConfigError, match="STAGE_TYPE.PARAM=VALUE"):
+        parse_override("batch_size=256")
 
 
 def test_latency_summary_percentiles_per_batch_and_per_query():

@@ -56,3 +56,11 @@ def test_required_columns_follow_sources_and_bad_params():
 @pytest.mark.parametrize("check", [c for c in CHECKS if c != "cpu_gpu_parity"])
 def test_source_features_conform(check):
     CHECKS[check](StageCase(_stage(), FUSED))
+
+
+def test_stemmed_overlap_matches_plurals():
+    t = pa.table({"query_id": [1, 1], "query": ["cordless drills bits", "cordless drills bits"],
+                  "title": ["DEWALT Cordless Drill Bit Set", None]})
+    out = TextMatchFeatures(features=["overlap", "stem_overlap", "stem_coverage"])(t).to_pydict()
+    assert out["f_overlap"] == [1.0, 0.0] and out["f_stem_overlap"] == [3.0, 0.0]
+    assert out["f_stem_coverage"] == [1.0, 0.0]
