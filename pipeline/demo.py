@@ -77,7 +77,7 @@ def run_demo(workdir: Path, *, n_items: int = 3000, n_queries: int = 400, seed: 
     echo(f"[3/4] running on the {judged.column(QUERY_ID).unique().__len__()} held-out queries")
     pipe = _with_device(load_config(config_path).build(), device)
     out = workdir / "out" / "candidates.parquet"
-    summary = run_to_parquet(pipe, queries, out, batch_size=64, progress=progress, observer=observe)
+    summary = run_to_parquet(pipe, queries, out, batch_size=64, progress=progress, observer=observe, overwrite=True)
     recall = {step: n / max(relevant.height, 1) for step, n in found.items()}
     echo(_stage_table(summary.stages, recall))
     echo(f"      recall = share of the {relevant.height} relevant judged (query, item) pairs still present after each stage")
