@@ -64,7 +64,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .columns import ITEM_ID, QUERY, QUERY_ID, RANK, SCORE
+from .columns import ITEM_ID, QUERY_ID, RANK, SCORE
 from .errors import ConfigError, DataError
 from .stage import Pipeline, Stage, StageStats
 
@@ -73,6 +73,8 @@ __all__ = ["BenchOptions", "run_bench", "parse_override", "fingerprint", "latenc
 
 #: The bare-library baseline, found in a source checkout next to the ``pipeline`` package.
 BARE_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bare_pipeline.py"
+#: Queries the whole-pipeline sweeps (candidates k, search parameter, batch size) run on, at most.
+SWEEP_QUERIES = 512
 LIBRARIES = ("funnel-rank", "torch", "sentence-transformers", "transformers", "faiss-cpu", "faiss-gpu-cu12",
              "lightgbm", "polars", "pyarrow", "numpy", "ranx", "hnswlib", "matplotlib")
 
@@ -577,23 +579,28 @@ def _encoder_bench(encoder: Stage, texts: dict[str, list[str]], repeats: int, sw
 # -- sweeps -------------------------------------------------------------------------------------
 
 
-def _time_call(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return _median(times)
+def _interleaved(calls: list[Callable[[], Any]], repeats: int, *, warm: bool = True) -> list[float]:
+    """Median seconds of each call, timed in rounds that go through every call (alternating the
+    direction), so that a change of load on the machine hits every call alike. ``warm`` runs
+    each call once, untimed, first."""
+    for call in calls if warm else ():
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    for r in range(repeats):
+        for i in (range(len(calls)) if r % 2 == 0 else reversed(range(len(calls)))):
+            t0 = time.perf_counter()
+            calls[i]()
+            times[i].append(time.perf_counter() - t0)
+    return [_median(t) for t in times]
 
 
-def _search_grid(index) -> tuple[str | None, list[int]]:
-    import faiss
-
-    ivf = faiss.try_extract_index_ivf(index._cpu_index)
-    if ivf is not None:
-        return "nprobe", sorted({p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= ivf.nlist} | {ivf.nlist})
-    if isinstance(faiss.downcast_index(index._cpu_index), faiss.IndexHNSW):
+def _search_grid(factory: str) -> tuple[str | None, list[int]]:
+    """The search parameter of an index factory string and the values a sweep tries."""
+    ivf = re.search(r"IVF(\d+)", factory)
+    if ivf:
+        nlist = int(ivf.group(1))
+        return "nprobe", sorted({p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= nlist} | {nlist})
+    if "HNSW" in factory:
         return "ef_search", [16, 24, 32, 48, 64, 96, 128, 256, 512]
     return None, [0]
 
@@ -603,41 +610,41 @@ def _nlist(n: int) -> int:
     return int(2 ** min(round(math.log2(max(4.0, 4 * math.sqrt(n)))), math.floor(math.log2(max(1, n // 39)))))
 
 
-def _hnswlib_points(xb, xq, ref, k, metric, ef_values, repeats, m=32, ef_construction=40) -> tuple[list[dict], float | None, str | None]:
+def _hnswlib_index(xb: np.ndarray, metric: str, *, m: int = 32, ef_construction: int = 40, seed: int = 0):
+    """An hnswlib index over ``xb`` (None when hnswlib is not installed)."""
     try:
         import hnswlib
     except ImportError:
-        return [], None, "hnswlib is not installed (pip install funnel-rank[bench])"
-    from faiss.contrib.evaluation import knn_intersection_measure
-
-    t0 = time.perf_counter()
+        return None
     index = hnswlib.Index(space="ip" if metric == "ip" else "l2", dim=xb.shape[1])
-    index.init_index(max_elements=len(xb), M=m, ef_construction=ef_construction, random_seed=0)
+    index.init_index(max_elements=len(xb), M=m, ef_construction=ef_construction, random_seed=seed)
     index.add_items(xb, np.arange(len(xb)), num_threads=-1)
-    build = time.perf_counter() - t0
-    points = []
-    for ef in ef_values:
+    return index
+
+
+HNSWLIB_MISSING = "hnswlib is not installed (pip install funnel-rank[bench]): no hnswlib points"
+HNSWLIB_EF = [10, 16, 24, 32, 48, 64, 96, 128, 256, 512]
+
+
+def _hnswlib_search(index, xq: np.ndarray, k: int, ef: int) -> Callable[[], np.ndarray]:
+    def search() -> np.ndarray:
         index.set_ef(max(ef, k))
-        t = _time_call(lambda: index.knn_query(xq, k=k, num_threads=-1), repeats)
-        labels, _ = index.knn_query(xq, k=k, num_threads=-1)
-        points.append({"family": f"hnswlib M={m}", "param": "ef", "value": max(ef, k),
-                       "recall_at_k": knn_intersection_measure(labels.astype(np.int64), ref),
-                       "ms_per_query": t * 1000 / len(xq), "queries_per_s": len(xq) / t})
-    return points, build, None
+        return index.knn_query(xq, k=k, num_threads=-1)[0].astype(np.int64)
+
+    return search
 
 
-def _faiss_points(index, family: str, xq, ref, k, repeats) -> list[dict]:
+def _measure(contenders: list[tuple[dict, Callable[[], Any], Callable[[], np.ndarray]]], ref: np.ndarray,
+             nq: int, repeats: int) -> list[dict]:
+    """Time ``(point, timed call, call returning result positions)`` contenders interleaved; add
+    recall against ``ref`` and milliseconds and queries per second to each point."""
     from faiss.contrib.evaluation import knn_intersection_measure
 
-    param, values = _search_grid(index)
+    seconds = _interleaved([c[1] for c in contenders], repeats)
     points = []
-    for v in values:
-        kw = {param: v} if param else {}
-        t = _time_call(lambda: index.search(xq, k, **kw), repeats)
-        _, got = index.search(xq, k, **kw)
-        points.append({"family": family, "param": param, "value": v if param else None,
-                       "recall_at_k": knn_intersection_measure(got, ref), "ms_per_query": t * 1000 / len(xq),
-                       "queries_per_s": len(xq) / t})
+    for (point, _, result), t in zip(contenders, seconds):
+        points.append({**point, "recall_at_k": knn_intersection_measure(result(), ref),
+                       "ms_per_query": t * 1000 / nq, "queries_per_s": nq / t})
     return points
 
 
@@ -666,92 +673,107 @@ def _sweep_index(stage: Stage, queries: np.ndarray, *, k: int = 10, repeats: int
         t0 = time.perf_counter()
         families[factory] = FaissIndex.build(xb, ids, factory=factory, metric=index.metric, normalize=False)
         builds[factory] = time.perf_counter() - t0
-    points = []
+    hnsw, note = None, HNSWLIB_MISSING
+    t0 = time.perf_counter()
+    hnsw = _hnswlib_index(xb, index.metric)
+    if hnsw is not None:
+        builds["hnswlib M=32"], note = time.perf_counter() - t0, None
+    contenders = []
     for family, idx in families.items():
-        points += _faiss_points(idx, family, xq, ref, k, repeats)
-    grid = [10, 16, 24, 32, 48, 64, 96, 128, 256, 512]
-    hn, hn_build, note = _hnswlib_points(xb, xq, ref, k, index.metric, grid, repeats)
-    points += hn
-    if hn_build is not None:
-        builds["hnswlib M=32"] = hn_build
-    return {"stage": stage.name, "vectors": len(xb), "dim": xb.shape[1], "queries": len(xq), "k": k,
+        param, values = _search_grid(idx.factory)
+        for v in values:
+            kw = {param: v} if param else {}
+            search = (lambda idx, kw: lambda: idx.search(xq, k, **kw)[1])(idx, kw)
+            contenders.append(({"family": family, "param": param, "value": v if param else None}, search, search))
+    if hnsw is not None:
+        for ef in HNSWLIB_EF:
+            search = _hnswlib_search(hnsw, xq, k, ef)
+            contenders.append(({"family": "hnswlib M=32", "param": "ef", "value": max(ef, k)}, search, search))
+    points = _measure(contenders, ref, len(xq), repeats)
+    best = {}
+    for family in dict.fromkeys(p["family"] for p in points):
+        ok = [p for p in points if p["family"] == family and p["recall_at_k"] >= 0.95]
+        best[family] = max(ok, key=lambda p: p["queries_per_s"]) if ok else None
+    return {"stage": stage.name, "vectors": len(xb), "best_at_recall_0.95": best, "dim": xb.shape[1], "queries": len(xq), "k": k,
             "quality": f"recall@{k} vs exact", "build_s": builds, "points": points, "note": note,
             "pareto": pareto_front(points, quality="recall_at_k", cost="ms_per_query")}
 
 
-def _run_quality_point(pipe: Pipeline, batches, judgments, top, repeats) -> dict:
+def _sweep_pipeline(pipe: Pipeline, batches, judgments, top: int, repeats: int, progress: bool) -> dict:
+    """Candidates k and the search parameter of the first FAISS stage, through the whole pipeline:
+    quality of each variant, then passes over all queries timed in interleaved rounds."""
     from .metrics import evaluate
 
-    outs = [pipe.run(b) for b in batches]
-    passes = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for b in batches:
-            pipe.run(b)
-        passes.append(time.perf_counter() - t0)
-    n = sum(b.num_rows for b in batches)
-    t = _median(passes)
-    point = {"ms_per_query": t * 1000 / n, "queries_per_s": n / t}
-    if judgments is not None:
-        res = evaluate(pa.concat_tables(outs), judgments, k_values=sorted({10, top}), metrics=("ndcg", "recall"))
-        point.update({"ndcg_at_10": res["ndcg@10"], f"recall_at_{top}": res[f"recall@{top}"]})
-    return point
-
-
-def _sweep_pipeline(pipe: Pipeline, batches, judgments, top: int, repeats: int, progress: bool) -> dict:
-    """Candidates k and search parameters of the first FAISS stage, through the whole pipeline."""
     step = next((i for i, s in enumerate(pipe.stages) if s.name == "recall.faiss"), None)
-    points = []
-    if step is not None:
-        stage = pipe.stages[step]
-        grid = [("k", k) for k in (10, 25, 50, 100, 200, 400) if k <= stage.index_.ntotal]
-        param, values = _search_grid(stage.index_)
-        if param:
-            grid += [(param, v) for v in values if v <= 256]
-        with _bar(len(grid), "pipeline sweep", progress) as bar:
-            for name, value in grid:
-                stages = list(pipe.stages)
-                stages[step] = _clone_warm(stage, **{name: value})
-                point = {"param": name, "value": value, "k": stages[step].k,
-                         **_run_quality_point(Pipeline(stages, inputs=pipe.inputs), batches, judgments, top, repeats)}
-                points.append(point)
-                bar.update()
+    if step is None:
+        return {"points": [], "quality": None, "pareto": []}
+    stage = pipe.stages[step]
+    grid = [("k", k) for k in (10, 25, 50, 100, 200, 400) if k <= stage.index_.ntotal]
+    param, values = _search_grid(stage.index_.factory)
+    if param:
+        grid += [(param, v) for v in values if v <= 256]
+    variants, points = [], []
+    with _bar(len(grid), "pipeline sweep (quality)", progress) as bar:
+        for name, value in grid:
+            stages = list(pipe.stages)
+            stages[step] = _clone_warm(stage, **{name: value})
+            variant = Pipeline(stages, inputs=pipe.inputs)
+            point = {"param": name, "value": value, "k": stages[step].k}
+            if judgments is not None:
+                res = evaluate(pa.concat_tables([variant.run(b) for b in batches]), judgments,
+                               k_values=sorted({10, top}), metrics=("ndcg", "recall"))
+                point.update({"ndcg_at_10": res["ndcg@10"], f"recall_at_{top}": res[f"recall@{top}"]})
+            variants.append(variant)
+            points.append(point)
+            bar.update()
+
+    def one_pass(variant: Pipeline) -> Callable[[], None]:
+        return lambda: [variant.run(b) for b in batches]
+
+    n = sum(b.num_rows for b in batches)
+    for point, t in zip(points, _interleaved([one_pass(v) for v in variants], repeats, warm=False)):
+        point.update({"ms_per_query": t * 1000 / n, "queries_per_s": n / t})
     quality = f"recall_at_{top}" if judgments is not None else None
-    return {"points": points, "quality": quality,
+    return {"points": points, "quality": quality, "queries": n,
             "pareto": pareto_front(points, quality=quality, cost="ms_per_query") if quality else []}
 
 
 def _sweep_batch_size(pipe: Pipeline, queries: pa.Table, repeats: int, progress: bool) -> list[dict]:
-    out = []
+    """Queries per second and latency per batch size; passes timed in interleaved rounds
+    (batch size 1 on the first 64 queries only)."""
     sizes = [s for s in (1, 16, 64, 256, 1024) if s <= max(queries.num_rows, 1)]
-    with _bar(len(sizes), "batch-size sweep", progress) as bar:
-        for size in sizes:
-            sub = queries.slice(0, min(queries.num_rows, 64)) if size == 1 else queries
-            batches = _batches(sub, size)
-            for b in batches[:2]:
-                pipe.run(b)
-            seconds, passes = [], []
-            for _ in range(repeats):
+    runs = {size: _batches(queries.slice(0, 64) if size == 1 else queries, size) for size in sizes}
+    seconds: dict[int, list[float]] = {size: [] for size in sizes}
+    passes: dict[int, list[float]] = {size: [] for size in sizes}
+    for batches in runs.values():
+        for b in batches[:2]:
+            pipe.run(b)
+    with _bar(len(sizes) * repeats, "batch-size sweep", progress) as bar:
+        for r in range(repeats):
+            for size in (sizes if r % 2 == 0 else sizes[::-1]):
                 t0 = time.perf_counter()
-                for b in batches:
+                for b in runs[size]:
                     t1 = time.perf_counter()
                     pipe.run(b)
-                    seconds.append(time.perf_counter() - t1)
-                passes.append(time.perf_counter() - t0)
-            t = _median(passes)
-            out.append({"batch_size": size, "queries": sub.num_rows, "queries_per_s": sub.num_rows / t,
-                        **latency_summary(seconds, [b.num_rows for b in batches] * repeats)})
-            bar.update()
+                    seconds[size].append(time.perf_counter() - t1)
+                passes[size].append(time.perf_counter() - t0)
+                bar.update()
+    out = []
+    for size, batches in runs.items():
+        n = sum(b.num_rows for b in batches)
+        out.append({"batch_size": size, "queries": n, "queries_per_s": n / _median(passes[size]),
+                    **latency_summary(seconds[size], [b.num_rows for b in batches] * repeats)})
     return out
 
 
 def _ann_synthetic(n: int, dim: int, *, k: int = 10, repeats: int = 3, seed: int = 0,
                    log: Callable[[str], None] = print) -> dict:
     """Funnel's ``recall.faiss`` stage (HNSW32 and IVF) against raw faiss and hnswlib (M=32, the
-    same efConstruction) on synthetic vectors. Every index is built first; then, for each search
-    setting, the contenders are timed one after another, alternating the order."""
+    same efConstruction) on synthetic vectors. Every index is built first; then every operating
+    point is timed in interleaved rounds (:func:`_interleaved`). The stage runs on an Arrow table
+    of query embeddings and returns its long-form table, so its time includes Funnel's work around
+    the search; its recall is that of the same search done raw."""
     import faiss
-    from faiss.contrib.evaluation import knn_intersection_measure
 
     from indexes.faiss_index import FaissIndex
     from stages.faiss import FaissRecall
@@ -764,10 +786,9 @@ def _ann_synthetic(n: int, dim: int, *, k: int = 10, repeats: int = 3, seed: int
     nlist = _nlist(n)
     queries = pa.table({QUERY_ID: np.arange(len(xq)),
                         "query_embedding": pa.FixedSizeListArray.from_arrays(pa.array(xq.ravel()), dim)})
-    ef_grid, nprobe_grid = [10, 16, 24, 32, 48, 64, 96, 128, 256], [1, 2, 4, 8, 16, 32, 64, 128]
-    points = []
+    grids = {"ef_search": [10, 16, 24, 32, 48, 64, 96, 128, 256], "nprobe": [1, 2, 4, 8, 16, 32, 64, 128]}
+    contenders = []
     with tempfile.TemporaryDirectory(prefix="funnel-bench-ann-") as tmp:
-        contenders = {}
         for factory, param in (("HNSW32", "ef_search"), (f"IVF{nlist},Flat", "nprobe")):
             log(f"      ann: building {factory} with Funnel's FaissIndex")
             t0 = time.perf_counter()
@@ -776,56 +797,30 @@ def _ann_synthetic(n: int, dim: int, *, k: int = 10, repeats: int = 3, seed: int
                                      seed=seed)
             builds[factory] = time.perf_counter() - t0
             folder = index.save(Path(tmp) / factory.replace(",", "_"))
+            del index
             stage = FaissRecall(index=str(folder), k=k, factory=factory, device="cpu")
             stage.warm_up()
-            contenders[factory] = (param, stage, faiss.read_index(str(folder / "index.faiss")))
-            del index
-        hnsw = None
-        try:
-            import hnswlib
-
-            log("      ann: building hnswlib M=32, ef_construction=40 (faiss' default)")
-            t0 = time.perf_counter()
-            hnsw = hnswlib.Index(space="ip", dim=dim)
-            hnsw.init_index(max_elements=n, M=32, ef_construction=40, random_seed=seed)
-            hnsw.add_items(xb, np.arange(n), num_threads=-1)
-            builds["hnswlib M=32"] = time.perf_counter() - t0
-            note = None
-        except ImportError:
-            note = "hnswlib is not installed (pip install funnel-rank[bench]): no hnswlib points"
-
-        def point(family: str, param: str, value: int, seconds: float, found: np.ndarray) -> dict:
-            return {"family": family, "param": param, "value": value,
-                    "recall_at_k": knn_intersection_measure(np.asarray(found, dtype=np.int64), ref),
-                    "ms_per_query": seconds * 1000 / len(xq), "queries_per_s": len(xq) / seconds}
-
-        for factory, (param, stage, raw) in contenders.items():
-            grid = ef_grid if param == "ef_search" else nprobe_grid
-            for i, v in enumerate(grid):
+            raw = faiss.read_index(str(folder / "index.faiss"))
+            for v in grids[param]:
                 s = _clone_warm(stage, **{param: v})
                 params = (faiss.SearchParametersHNSW(efSearch=v) if param == "ef_search"
                           else faiss.SearchParametersIVF(nprobe=v))
-                calls = {
-                    "stage": lambda: s(queries),
-                    "raw": lambda: raw.search(xq, k, params=params),
-                }
-                if hnsw is not None and param == "ef_search":
-                    calls["hnswlib"] = lambda: (hnsw.set_ef(max(v, k)), hnsw.knn_query(xq, k=k, num_threads=-1))[1]
-                order = list(calls) if i % 2 == 0 else list(calls)[::-1]
-                seconds = {name: [] for name in calls}
-                for name in order:
-                    calls[name]()
-                for _ in range(repeats):
-                    for name in order:
-                        t0 = time.perf_counter()
-                        calls[name]()
-                        seconds[name].append(time.perf_counter() - t0)
-                _, got = raw.search(xq, k, params=params)
-                points.append(point(f"funnel recall.faiss {factory}", param, v, _median(seconds["stage"]), got))
-                points.append(point(f"faiss {factory} (raw search)", param, v, _median(seconds["raw"]), got))
-                if "hnswlib" in calls:
-                    labels, _ = calls["hnswlib"]()
-                    points.append(point("hnswlib M=32", "ef", max(v, k), _median(seconds["hnswlib"]), labels))
+                raw_search = (lambda raw, params: lambda: raw.search(xq, k, params=params)[1])(raw, params)
+                run_stage = (lambda s: lambda: s(queries))(s)
+                point = {"param": param, "value": v}
+                contenders.append(({**point, "family": f"funnel recall.faiss {factory}"}, run_stage, raw_search))
+                contenders.append(({**point, "family": f"faiss {factory} (raw search)"}, raw_search, raw_search))
+        log("      ann: building hnswlib M=32, ef_construction=40 (faiss' default)")
+        t0 = time.perf_counter()
+        hnsw = _hnswlib_index(xb, "ip", seed=seed)
+        note = HNSWLIB_MISSING
+        if hnsw is not None:
+            builds["hnswlib M=32"], note = time.perf_counter() - t0, None
+            for ef in grids["ef_search"]:
+                search = _hnswlib_search(hnsw, xq, k, ef)
+                contenders.append(({"family": "hnswlib M=32", "param": "ef", "value": max(ef, k)}, search, search))
+        log(f"      ann: timing {len(contenders)} operating points, interleaved")
+        points = _measure(contenders, ref, len(xq), repeats)
 
     def best(prefix: str, target: float = 0.95) -> dict | None:
         ok = [p for p in points if p["family"].startswith(prefix) and p["recall_at_k"] >= target]
@@ -992,11 +987,16 @@ def _markdown(r: dict) -> str:
                   "Pareto front:", "", "| family | param | value | recall | ms/query | queries/s |", "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {p['family']} | {p['param'] or ''} | {_fmt(p['value'])} | {p['recall_at_k']:.4f} | "
                   f"{_fmt(p['ms_per_query'], 4)} | {_fmt(p['queries_per_s'], 0)} |" for p in s["pareto"]]
+        lines += ["", "Fastest point of each family with recall >= 0.95:", "",
+                  "| family | param | value | recall | queries/s |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {fam} | {p['param'] or ''} | {_fmt(p['value'])} | {p['recall_at_k']:.4f} | {_fmt(p['queries_per_s'], 0)} |"
+                  if p else f"| {fam} | none reached 0.95 | | | |" for fam, p in s.get("best_at_recall_0.95", {}).items()]
         lines += ["", f"![index sweep](sweep_index_{i + 1}.png)", ""]
     pipe = sweeps.get("pipeline")
     if pipe and pipe["points"]:
         q = pipe["quality"]
-        lines += ["## Sweep: whole pipeline", "", "| param | value | k | ms/query | queries/s | NDCG@10 | "
+        lines += ["## Sweep: whole pipeline", "", f"First {pipe.get('queries')} queries; passes timed in interleaved rounds.", "",
+                  "| param | value | k | ms/query | queries/s | NDCG@10 | "
                   + (q.replace("_at_", "@") if q else "") + " | Pareto |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         front = {(p["param"], p["value"]) for p in pipe["pareto"]}
         lines += [f"| {p['param']} | {p['value']} | {p['k']} | {_fmt(p['ms_per_query'], 3)} | {_fmt(p['queries_per_s'], 0)} | "
@@ -1158,8 +1158,10 @@ def run_bench(config: str | Path, options: BenchOptions, *, echo: Callable[[str]
                 sweeps["index"].append(_sweep_index(stage, vectors[i], repeats=max(1, min(options.repeats, 3)),
                                                     progress=options.progress, log=echo))
         sweep_repeats = max(1, min(options.repeats, 2))
-        sweeps["pipeline"] = _sweep_pipeline(pipe, batches, judgments, top, sweep_repeats, options.progress)
-        sweeps["batch_size"] = _sweep_batch_size(pipe, queries, sweep_repeats, options.progress)
+        few = queries.slice(0, min(queries.num_rows, SWEEP_QUERIES))
+        sweeps["pipeline"] = _sweep_pipeline(pipe, _batches(few, batch_size), judgments, top, sweep_repeats,
+                                             options.progress)
+        sweeps["batch_size"] = _sweep_batch_size(pipe, few, sweep_repeats, options.progress)
     ann = None
     if options.ann_size:
         echo(f"[5/5] ANN on {options.ann_size} synthetic vectors")

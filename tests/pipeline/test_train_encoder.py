@@ -14,13 +14,11 @@ from click.testing import CliRunner
 
 from pipeline import ArtifactError
 from pipeline.artifacts import sha256_file
+from pipeline.build import build_artifacts
 from pipeline.cli import main
 from pipeline.config import PipelineConfig, load_config
 from pipeline.data import holdout_mask
 from pipeline.train_encoder import MANIFEST_KIND, PICKLE_SUFFIXES, next_version_dir, split_queries
-
-pytest.importorskip("datasets", reason="`funnel train encoder` needs the train extra (datasets, accelerate)")
-pytest.importorskip("accelerate", reason="`funnel train encoder` needs the train extra (datasets, accelerate)")
 
 
 def _config(root: Path, model: str = "all-MiniLM-L6-v2", index: str = "artifacts/index") -> Path:
@@ -40,11 +38,14 @@ def trained(tmp_path_factory):
     """A generated shop and one short fine-tuning run through the CLI (the slow part, done once)."""
     from pipeline.demo_data import generate_demo_data
 
+    for module in ("datasets", "accelerate"):
+        pytest.importorskip(module, reason="`funnel train encoder` needs the train extra (datasets, accelerate)")
     root = tmp_path_factory.mktemp("finetune")
-    generate_demo_data(root / "data", n_items=400, n_queries=150, seed=3)
+    generate_demo_data(root / "data", n_items=300, n_queries=150, seed=3)
     config = _config(root)
-    result = CliRunner().invoke(main, ["train", "encoder", str(config), "--epochs", "1", "--batch-size", "16",
-                                       "--max-pairs", "192", "--lr", "1e-4", "--val-items", "0",
+    # 4 steps of 32 pairs; a large validation share (~38 queries) keeps its NDCG from being noise
+    result = CliRunner().invoke(main, ["train", "encoder", str(config), "--epochs", "1", "--batch-size", "32",
+                                       "--max-pairs", "128", "--valid-fraction", "0.3", "--val-items", "0",
                                        "--evals-per-epoch", "2", "--quiet"])
     assert result.exit_code == 0, result.output
     return root, result.output
@@ -97,7 +98,7 @@ def test_fine_tuning_writes_a_safetensors_model_with_a_manifest(trained):
     assert manifest["kind"] == MANIFEST_KIND and manifest["base_model"] == "all-MiniLM-L6-v2"
     assert manifest["data"]["judgments_sha256"] == sha256_file(root / "data" / "judgments.parquet")
     assert manifest["split"]["holdout_fraction"] == 0.2 and manifest["split"]["holdout_seed"] == 0
-    assert manifest["training"]["train_pairs"] == 192 and manifest["training"]["negatives"]["judged"] > 0
+    assert manifest["training"]["train_pairs"] == 128 and manifest["training"]["negatives"]["judged"] > 0
     assert manifest["max_seq_length"] == 32
     assert set(manifest["files"]) == {str(p.relative_to(folder)) for p in files if p.name != "manifest.json"}
     for name, digest in manifest["files"].items():
@@ -108,18 +109,21 @@ def test_fine_tuning_writes_a_safetensors_model_with_a_manifest(trained):
 def test_validation_ndcg_does_not_drop(trained):
     manifest = json.loads((trained[0] / "artifacts" / "encoder" / "v1" / "manifest.json").read_text())
     val = manifest["validation"]
-    assert val["queries"] > 5 and val["items"] == 400
+    assert val["queries"] > 20 and val["items"] == 300 and len(val["history"]) == 2
     assert val["ndcg@10"] >= val["base_ndcg@10"]
     assert max(h["eval_val_ndcg@10"] for h in val["history"]) == val["ndcg@10"]
 
 
 @pytest.mark.slow
-def test_encode_stage_loads_the_version_relative_to_the_config(trained, tmp_path, monkeypatch):
+def test_a_pipeline_builds_and_runs_with_the_version_relative_to_the_config(trained, tmp_path, monkeypatch):
     root, _ = trained
     monkeypatch.chdir(tmp_path)  # the relative model path resolves against the config folder, not the CWD
-    pipe = load_config(_config(root, model="artifacts/encoder/v1", index="artifacts/index-v1")).build()
+    cfg = load_config(_config(root, model="artifacts/encoder/v1", index="artifacts/index-v1"))
+    build_artifacts(cfg, progress=False, log=lambda m: None)
+    pipe = cfg.build().warm_up()
+    out = pipe(pa.table({"query_id": [1], "query": ["cordless drill"]}))
+    assert out.num_rows == 10
     encoder = pipe.stages[0]
-    encoder.warm_up()
     assert encoder.model_.max_seq_length == 32
     tuned = encoder.encode_texts(["cordless drill", "led light bulb"])
     base = load_config(_config(root)).build().stages[0].encode_texts(["cordless drill", "led light bulb"])
@@ -138,13 +142,3 @@ def test_a_changed_model_file_is_refused(trained, tmp_path):
     with pytest.raises(ArtifactError, match="tokenizer_config.json is corrupted or was changed"):
         SentenceTransformerEncoder(model=str(copy)).warm_up()
 
-
-@pytest.mark.slow
-def test_a_second_run_writes_the_next_version(trained):
-    root, _ = trained
-    result = CliRunner().invoke(main, ["train", "encoder", str(_config(root)), "--epochs", "0.5", "--batch-size", "16",
-                                       "--max-pairs", "64", "--val-items", "120", "--mine-depth", "0", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert 'model = "artifacts/encoder/v2"' in result.output
-    manifest = json.loads((root / "artifacts" / "encoder" / "v2" / "manifest.json").read_text())
-    assert manifest["training"]["negatives"]["mined"] == 0 and manifest["validation"]["items"] >= 120
