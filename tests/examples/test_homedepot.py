@@ -1,6 +1,8 @@
 """The Home Depot example pipeline, end to end on a subset of the real data.
 
-Builds a copy of ``examples/homedepot/pipeline.toml`` whose ``[data]`` points at a subset
+Builds a copy of ``examples/homedepot/pipeline.toml`` (hybrid recall, with the stock encoder in
+place of the fine-tuned one, which a test cannot train in time) and of ``dense.toml`` whose
+``[data]`` points at a subset
 written to ``tmp_path`` (judged queries sampled from ``judgments_train.parquet``, and a
 catalog made of all their judged products plus random others), then runs ``funnel build``,
 ``funnel run`` on the ranker's holdout queries and ``funnel eval``, through the CLI.
@@ -23,7 +25,7 @@ from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "homedepot"
-EXAMPLE = REPO / "examples" / "homedepot" / "pipeline.toml"
+EXAMPLES = REPO / "examples" / "homedepot"
 
 N_QUERIES = 250
 N_ITEMS = 4000
@@ -54,25 +56,41 @@ def _subset(folder: Path) -> tuple[Path, Path]:
     return folder / "catalog.parquet", folder / "judgments.parquet"
 
 
-@pytest.fixture(scope="module")
-def homedepot_run(tmp_path_factory):
+def _stock_encoder(stages: list[dict]) -> None:
+    """Replace a fine-tuned encoder folder by the bundled all-MiniLM-L6-v2, in sub-pipelines too."""
+    for stage in stages:
+        params = stage.get("params", {})
+        if stage["type"] == "encode.sentence_transformers":
+            params["model"] = "all-MiniLM-L6-v2"
+        if stage["type"] == "recall.fused":
+            for source in params["sources"]:
+                _stock_encoder(source["stages"])
+
+
+def _ranker_folder(stages: list[dict]) -> str:
+    return next(s["params"]["model"] for s in stages if s["type"] == "rank.lightgbm")
+
+
+@pytest.fixture(scope="module", params=["pipeline.toml", "dense.toml"])
+def homedepot_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("homedepot")
     catalog, _ = _subset(root / "data")
-    doc = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
-    # Same stages and parameters as the example; only the data differs (relative to the config).
+    doc = tomllib.loads((EXAMPLES / request.param).read_text(encoding="utf-8"))
+    # Same stages and parameters as the example; only the data (relative to the config) and the encoder differ.
     doc["data"] = {"catalog": "data/catalog.parquet", "judgments": "data/judgments.parquet"}
+    _stock_encoder(doc["stages"])
     config = root / "pipeline.toml"
     config.write_text(tomli_w.dumps(doc))
 
     _funnel("build", config, "--quiet")
-    ranker = root / "artifacts" / "ranker"
+    ranker = root / _ranker_folder(doc["stages"])
     out = root / "out" / "holdout.parquet"
     _funnel("run", config, "--queries", ranker / "holdout_queries.parquet", "--out", out, "--quiet")
     metrics_file = root / "out" / "metrics.json"
     _funnel("eval", "--run", out, "--judgments", ranker / "holdout_judgments.parquet", "--k", 10, "--k", 100,
             "--json", metrics_file)
     return {"root": root, "out": out, "ranker": ranker, "metrics": json.loads(metrics_file.read_text()),
-            "n_items": pl.read_parquet(catalog).height}
+            "n_items": pl.read_parquet(catalog).height, "config": request.param}
 
 
 def test_subset_is_what_was_asked(homedepot_run):
@@ -97,7 +115,7 @@ def test_output_schema_and_ranks(homedepot_run):
         assert row["rank"] == list(range(1, row["n"] + 1)), f"query {row['query_id']}: ranks not 1..n"
         assert row["score"] == sorted(row["score"], reverse=True), f"query {row['query_id']}: scores not descending"
         assert row["distinct"] == row["n"], f"query {row['query_id']}: repeated items"
-    # display.topn n = 100 over a 100-hit recall from a 4000-item catalog: every query gets 100 rows
+    # display.topn n = 100 over a 100-hit (or more) recall from a 4000-item catalog: every query gets 100 rows
     assert (per_query["n"] == 100).all()
     # the ranker keeps the recall score and rank as provenance
     assert {"recall_score", "recall_rank", "source"} <= set(run.columns)

@@ -37,6 +37,10 @@ def test_bf16_autocast_matches_fp32(encoder):
     bf16 = SentenceTransformerEncoder(precision="bf16")
     cos = (encoder.encode_texts(TEXTS) * bf16.encode_texts(TEXTS)).sum(axis=1)
     assert cos.min() >= 0.999
+    import torch
+
+    dtypes = {type(m).__name__: m.weight.dtype for m in bf16.model_.modules() if hasattr(m, "weight")}
+    assert dtypes["Linear"] == torch.bfloat16 and dtypes["LayerNorm"] == torch.float32
 
 
 def test_local_folder_is_accepted():
