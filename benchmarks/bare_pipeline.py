@@ -185,6 +185,8 @@ class BarePipeline:
                 folder = self._path(p.get("index", "artifacts/index"))
                 manifest = json.loads((folder / "manifest.json").read_text())
                 index = faiss.read_index(str(folder / "index.faiss"))
+                # the same faiss setting Funnel's FaissIndex uses: batches of >= 20 queries through BLAS
+                faiss.cvar.distance_compute_blas_threshold = min(faiss.cvar.distance_compute_blas_threshold, 20)
                 params = None
                 if p.get("ef_search") is not None:
                     params = faiss.SearchParametersHNSW(efSearch=int(p["ef_search"]))

@@ -68,6 +68,18 @@ WHAT = "faiss index"
 GPU_MAX_K = 2048
 #: CAGRA's default search breadth (itopk_size); it must be at least k
 CAGRA_ITOPK = 64
+#: Batches of at least this many queries go through BLAS (one matrix product) in exhaustive
+#: searches (Flat, IVF coarse quantizers). faiss 1.15 ships a default of 128000, which sends a
+#: batch of 256 queries over 54,667 x 384 vectors through its per-query kernel: 0.75 s instead
+#: of 0.09 s with BLAS on 2 AMD EPYC cores (benchmarks/results/). faiss' threshold is a
+#: process-wide setting; it is lowered to this value, never raised.
+BLAS_THRESHOLD = 20
+
+
+def prefer_blas_for_batches() -> None:
+    """Lower faiss' ``distance_compute_blas_threshold`` to :data:`BLAS_THRESHOLD` (see there)."""
+    if faiss.cvar.distance_compute_blas_threshold > BLAS_THRESHOLD:
+        faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 
 
 def gpu_search_fallback(k: int, *, nprobe: int | None = None, ef_search: int | None = None, gpu_kind: str = "flat",
@@ -362,6 +374,7 @@ class FaissIndex:
             q = q.copy()
             faiss.normalize_L2(q)
         index, params = self._placement(k, nprobe, ef_search)
+        prefer_blas_for_batches()
         scores, positions = index.search(q, k, params=params)
         return scores.astype(np.float32, copy=False), positions.astype(np.int64, copy=False)
 

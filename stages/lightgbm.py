@@ -59,7 +59,10 @@ class LightGBMRanker(Stage):
     the upstream pipeline runs on the judged queries, candidates are labelled from the
     judgments (unjudged = 0), a ``holdout_fraction`` of queries (split by query id hash) is kept
     out of training entirely and written next to the model for evaluation, and a further
-    ``valid_fraction`` drives early stopping on NDCG@10.
+    ``valid_fraction`` drives early stopping on NDCG@10. ``truncation_level`` is LightGBM's
+    ``lambdarank_truncation_level`` (default 30): pairs are only formed with the items the
+    current model ranks above it, so to order a deep list (Recall@100 from 200 candidates) raise
+    it to about the depth that matters.
 
     The previous ``score``/``rank`` are kept as ``recall_score``/``recall_rank``.
 
@@ -94,7 +97,7 @@ class LightGBMRanker(Stage):
                  learning_rate: float = 0.05, num_leaves: int = 31, min_data_in_leaf: int = 20,
                  early_stopping_rounds: int = 50, holdout_fraction: float = 0.2, valid_fraction: float = 0.2,
                  label_scale: float = 3.0, relevance_offset: float = 1.0, seed: int = 0, device: str = "auto",
-                 explain: int = 0, train_device: str = "cpu"):
+                 explain: int = 0, train_device: str = "cpu", truncation_level: int = 30):
         self.model = model
         self.num_threads = num_threads
         self.n_estimators = n_estimators
@@ -110,6 +113,7 @@ class LightGBMRanker(Stage):
         self.device = device
         self.explain = explain
         self.train_device = train_device
+        self.truncation_level = truncation_level
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -137,6 +141,9 @@ class LightGBMRanker(Stage):
         for p in ("holdout_fraction", "valid_fraction"):
             if not (isinstance(getattr(self, p), (int, float)) and 0 <= getattr(self, p) < 1):
                 raise self._bad_param(p, "a number in [0, 1)")
+        if not isinstance(self.truncation_level, int) or isinstance(self.truncation_level, bool) \
+                or self.truncation_level < 1:
+            raise self._bad_param("truncation_level", "an int >= 1")
         if not (isinstance(self.label_scale, (int, float)) and self.label_scale > 0):
             raise self._bad_param("label_scale", "a number > 0")
         if not isinstance(self.explain, int) or isinstance(self.explain, bool) or self.explain < 0:
@@ -293,6 +300,7 @@ class LightGBMRanker(Stage):
             "objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "learning_rate": self.learning_rate,
             "num_leaves": self.num_leaves, "min_data_in_leaf": self.min_data_in_leaf, "seed": self.seed,
             "num_threads": self.num_threads, "verbose": -1, "deterministic": True, "force_row_wise": True,
+            "lambdarank_truncation_level": self.truncation_level,
         }
         if self.train_device != "cpu":
             params["device_type"] = self.train_device

@@ -75,3 +75,10 @@ def test_rerank_and_group_sizes():
 def test_bad_training_params_fail_at_composition():
     with pytest.raises(Exception, match="'holdout_fraction' parameter of stage 'rank.lightgbm'"):
         LightGBMRanker(holdout_fraction=1.5).validate_params()
+    with pytest.raises(Exception, match="'truncation_level' parameter of stage 'rank.lightgbm'"):
+        LightGBMRanker(truncation_level=0).validate_params()
+
+
+def test_truncation_level_reaches_lightgbm(demo_shop):
+    model = (demo_shop / "artifacts" / "ranker" / "model.txt").read_text()
+    assert "[lambdarank_truncation_level: 30]" in model  # the default, passed on explicitly
