@@ -102,3 +102,15 @@ def test_rows_that_cannot_be_processed_are_quarantined_not_dropped(demo_shop, tm
                                        "--out", str(tmp_path / "strict.parquet"), "--strict", "--quiet"])
     assert strict.exit_code == 2 and "null text value" in strict.output
     assert not (tmp_path / "strict.parquet").exists()
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise(monkeypatch, preset, expected):
+    import os
+
+    if preset is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    assert invoke("stages", "list").exit_code == 0
+    assert os.environ["OMP_WAIT_POLICY"] == expected
