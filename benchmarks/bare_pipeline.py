@@ -180,6 +180,10 @@ class BarePipeline:
                     for module in model.modules():
                         if isinstance(module, torch.nn.Linear):
                             module.to(torch.bfloat16)
+                attention = p.get("attention", "auto")
+                attention = "eager" if attention == "auto" and device == "cpu" else attention
+                if attention != "auto":  # the attention kernel Funnel's stage picks
+                    model[0].auto_model.set_attn_implementation(attention)
                 self.state.append({"model": model, "device": device})
             elif kind == "recall.faiss":
                 folder = self._path(p.get("index", "artifacts/index"))

@@ -23,6 +23,13 @@ from .gpu_util import log_fallback
 __all__ = ["FaissRecall"]
 
 
+
+def _vector_params(encoder: Stage) -> dict:
+    """The encoder's parameters that decide the vectors (its build-key part): all but those
+    it lists in ``same_vectors_params`` (an attention kernel changes them by rounding only)."""
+    skip = set(getattr(encoder, "same_vectors_params", ()))
+    return {k: v for k, v in stage_to_spec(encoder)["params"].items() if k not in skip}
+
 class FaissRecall(Stage):
     """Recall the ``k`` nearest items of each query embedding from a FAISS index.
 
@@ -137,7 +144,7 @@ class FaissRecall(Stage):
         folder = self.resolve_path(self.index)
         source = ctx.data_path("embeddings" if "embeddings" in ctx.config.data else "catalog")
         key = build_key(stage=self.name, factory=self.factory, metric=self.metric, item_text=list(self.item_text),
-                        encoder=stage_to_spec(encoder)["params"], source=sha256_file(source))
+                        encoder=_vector_params(encoder), source=sha256_file(source))
         if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what="index").get("build_key") == key:
             return f"{self.name}: up to date ({folder})"
         if "embeddings" in ctx.config.data:

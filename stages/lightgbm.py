@@ -62,7 +62,9 @@ class LightGBMRanker(Stage):
     ``valid_fraction`` drives early stopping on NDCG@10. ``truncation_level`` is LightGBM's
     ``lambdarank_truncation_level`` (default 30): pairs are only formed with the items the
     current model ranks above it, so to order a deep list (Recall@100 from 200 candidates) raise
-    it to about the depth that matters.
+    it to about the depth that matters. ``feature_fraction`` and ``bagging_fraction`` (LightGBM's,
+    default 1: off) train each tree on a random share of the features / queries' rows, which
+    regularises a ranker over many correlated features.
 
     The previous ``score``/``rank`` are kept as ``recall_score``/``recall_rank``.
 
@@ -97,7 +99,8 @@ class LightGBMRanker(Stage):
                  learning_rate: float = 0.05, num_leaves: int = 31, min_data_in_leaf: int = 20,
                  early_stopping_rounds: int = 50, holdout_fraction: float = 0.2, valid_fraction: float = 0.2,
                  label_scale: float = 3.0, relevance_offset: float = 1.0, seed: int = 0, device: str = "auto",
-                 explain: int = 0, train_device: str = "cpu", truncation_level: int = 30):
+                 explain: int = 0, train_device: str = "cpu", truncation_level: int = 30,
+                 feature_fraction: float = 1.0, bagging_fraction: float = 1.0):
         self.model = model
         self.num_threads = num_threads
         self.n_estimators = n_estimators
@@ -114,6 +117,8 @@ class LightGBMRanker(Stage):
         self.explain = explain
         self.train_device = train_device
         self.truncation_level = truncation_level
+        self.feature_fraction = feature_fraction
+        self.bagging_fraction = bagging_fraction
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -141,6 +146,9 @@ class LightGBMRanker(Stage):
         for p in ("holdout_fraction", "valid_fraction"):
             if not (isinstance(getattr(self, p), (int, float)) and 0 <= getattr(self, p) < 1):
                 raise self._bad_param(p, "a number in [0, 1)")
+        for p in ("feature_fraction", "bagging_fraction"):
+            if not (isinstance(getattr(self, p), (int, float)) and 0 < getattr(self, p) <= 1):
+                raise self._bad_param(p, "a number in (0, 1]")
         if not isinstance(self.truncation_level, int) or isinstance(self.truncation_level, bool) \
                 or self.truncation_level < 1:
             raise self._bad_param("truncation_level", "an int >= 1")
@@ -301,6 +309,8 @@ class LightGBMRanker(Stage):
             "num_leaves": self.num_leaves, "min_data_in_leaf": self.min_data_in_leaf, "seed": self.seed,
             "num_threads": self.num_threads, "verbose": -1, "deterministic": True, "force_row_wise": True,
             "lambdarank_truncation_level": self.truncation_level,
+            "feature_fraction": self.feature_fraction, "bagging_fraction": self.bagging_fraction,
+            "bagging_freq": 1 if self.bagging_fraction < 1 else 0,
         }
         if self.train_device != "cpu":
             params["device_type"] = self.train_device

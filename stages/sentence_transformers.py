@@ -21,6 +21,7 @@ __all__ = ["SentenceTransformerEncoder", "DEFAULT_MODEL", "resolve_model"]
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
 PRECISIONS = ("fp32", "bf16", "fp16")
+ATTENTIONS = ("auto", "eager", "sdpa")
 
 
 def resolve_model(model: str) -> tuple[str, bool]:
@@ -34,6 +35,34 @@ def resolve_model(model: str) -> tuple[str, bool]:
     if Path(model).exists():
         return str(Path(model).resolve()), True
     return model, False
+
+
+def _set_attention(model, implementation: str) -> None:
+    """Use ``implementation`` in every Hugging Face model inside ``model`` that can switch."""
+    for module in model.modules():
+        hf = getattr(module, "auto_model", None)
+        if hf is not None and hasattr(hf, "set_attn_implementation"):
+            with contextlib.suppress(ValueError, ImportError, NotImplementedError):
+                hf.set_attn_implementation(implementation)
+
+
+def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Positions of ``lengths`` in batches of at most ``batch_size``, shortest first.
+
+    A batch stops where the length grows when at least a quarter of ``batch_size`` texts share
+    its first length, so most batches hold texts of one length (no padding) and none is tiny.
+    """
+    order = np.argsort(lengths, kind="stable")
+    ordered = np.asarray(lengths)[order]
+    batches, start, n = [], 0, len(order)
+    while start < n:
+        end = min(start + batch_size, n)
+        same = start + int(np.searchsorted(ordered[start:end], ordered[start], side="right"))
+        if same < end and same - start >= max(1, batch_size // 4):
+            end = same
+        batches.append(order[start:end])
+        start = end
+    return batches
 
 
 def _linear_weights_to_bf16(model) -> None:
@@ -58,16 +87,26 @@ class SentenceTransformerEncoder(Stage):
     call) while embeddings, LayerNorm and softmax stay fp32, which keeps the embeddings at cosine
     > 0.9999 to fp32. ``"fp16"`` needs CUDA. Embeddings are float32 ``fixed_size_list`` columns,
     L2-normalised when ``normalize``.
+
+    Texts are encoded in order of their token count, in batches of at most ``batch_size`` cut
+    where the length changes (a batch pads to one length; search queries and product titles
+    are short, so padding would otherwise be a fifth of the work), straight through the model's
+    modules (``preprocess`` and ``forward``: what ``SentenceTransformer.encode`` runs, without
+    its per-row bookkeeping). ``attention`` picks the transformer's attention kernel:
+    ``"auto"`` is ``"eager"`` on CPU, where for texts of a few dozen tokens it is faster than
+    PyTorch's fused SDPA kernel (measured on MiniLM: 10-15%), and the model's own choice on CUDA.
     """
 
     name = "encode.sentence_transformers"
     input_schema = pa.schema([pa.field(QUERY, pa.string())])
     output_schema = pa.schema([pa.field(QUERY_EMBEDDING, EMBEDDING)])
     tags = StageTags(devices=("cpu", "cuda"), level="query")
+    #: parameters that change the embeddings by rounding at most: an index built with other values is still valid
+    same_vectors_params = ("attention",)
 
     def __init__(self, model: str = DEFAULT_MODEL, text_column: str = QUERY, output_column: str = QUERY_EMBEDDING,
                  batch_size: int = 64, normalize: bool = True, precision: str = "fp32",
-                 max_seq_length: int | None = None, device: str = "auto"):
+                 max_seq_length: int | None = None, attention: str = "auto", device: str = "auto"):
         self.model = model
         self.text_column = text_column
         self.output_column = output_column
@@ -75,6 +114,7 @@ class SentenceTransformerEncoder(Stage):
         self.normalize = normalize
         self.precision = precision
         self.max_seq_length = max_seq_length
+        self.attention = attention
         self.device = device
 
     def required_columns(self) -> pa.Schema:
@@ -91,6 +131,8 @@ class SentenceTransformerEncoder(Stage):
             raise self._bad_param("precision", f"one of {PRECISIONS}")
         if self.max_seq_length is not None and (not isinstance(self.max_seq_length, int) or self.max_seq_length < 1):
             raise self._bad_param("max_seq_length", "None or an int >= 1")
+        if self.attention not in ATTENTIONS:
+            raise self._bad_param("attention", f"one of {ATTENTIONS}")
 
     def warm_up(self) -> None:
         super().warm_up()
@@ -115,6 +157,9 @@ class SentenceTransformerEncoder(Stage):
         model.eval()
         if self.precision == "bf16" and self.device_ == "cpu":
             _linear_weights_to_bf16(model)
+        attention = "eager" if self.attention == "auto" and self.device_ == "cpu" else self.attention
+        if attention != "auto":
+            _set_attention(model, attention)
         self.model_ = model
         self.dim_ = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
                         else model.get_sentence_embedding_dimension())
@@ -136,44 +181,43 @@ class SentenceTransformerEncoder(Stage):
         return torch.autocast(device_type=self.device_, dtype=dtype)
 
     def encode_texts(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
-        """``(len(texts), dim)`` float32 embeddings; used by the stage and by index builds.
-
-        Texts are encoded ``batch_size`` at a time in order of their token count, so each batch
-        pads to nearly one length. (sentence-transformers alone orders by character count, which
-        on short product titles and queries leaves about 1.5x the real tokens in padding.)
-        """
+        """``(len(texts), dim)`` float32 embeddings; used by the stage and by index builds."""
         if not self.is_warm or getattr(self, "model_", None) is None:
             self.warm_up()
         if len(texts) == 0:
             return np.zeros((0, self.dim_), dtype=np.float32)
         import torch
+        from sentence_transformers.util import batch_to_device
         from tqdm.auto import tqdm
 
-        texts = list(texts)
-        order = self._by_token_count(texts)
+        model, texts = self.model_, list(texts)
+        prompt = model.prompts.get(model.default_prompt_name) if getattr(model, "default_prompt_name", None) else None
         out = np.empty((len(texts), self.dim_), dtype=np.float32)
         with torch.inference_mode(), self._autocast():
-            for start in tqdm(range(0, len(texts), self.batch_size), desc="Batches", disable=not progress):
-                rows = order[start:start + self.batch_size]
-                emb = self.model_.encode(
-                    [texts[i] for i in rows], batch_size=len(rows), normalize_embeddings=self.normalize,
-                    convert_to_numpy=False, convert_to_tensor=True, show_progress_bar=False,
-                )
-                out[rows] = emb.float().cpu().numpy()
+            for rows in tqdm(length_batches(self._token_counts(texts), self.batch_size), desc="Batches",
+                             disable=not progress):
+                batch = [texts[i] for i in rows]
+                features = model.preprocess(batch, prompt=prompt) if hasattr(model, "preprocess") else \
+                    model.tokenize([prompt + t for t in batch] if prompt else batch)  # sentence-transformers < 6
+                emb = model(batch_to_device(features, model.device))["sentence_embedding"].float()
+                if getattr(model, "truncate_dim", None):
+                    emb = emb[:, :model.truncate_dim]
+                if self.normalize:
+                    emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+                out[rows] = emb.cpu().numpy()
         return out
 
-    def _by_token_count(self, texts: list[str]) -> np.ndarray:
-        """Positions of ``texts`` from fewest to most tokens (as is, when they fit in one batch)."""
-        if len(texts) <= self.batch_size:
-            return np.arange(len(texts))
+    def _token_counts(self, texts: list[str]) -> np.ndarray:
+        """Tokens per text (characters when the model has no text tokenizer)."""
+        if len(texts) <= 1:
+            return np.zeros(len(texts), dtype=np.int64)
         tokenizer = getattr(self.model_, "tokenizer", None)
         try:
             ids = tokenizer(texts, truncation=True, max_length=self.model_.max_seq_length,
                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-            lengths = [len(x) for x in ids]
-        except (TypeError, AttributeError, KeyError, ValueError):  # no text tokenizer: count characters
-            lengths = [len(t) for t in texts]
-        return np.argsort(lengths, kind="stable")
+            return np.fromiter(map(len, ids), dtype=np.int64, count=len(texts))
+        except (TypeError, AttributeError, KeyError, ValueError):
+            return np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
 
     def invalid_rows(self, table: pa.Table) -> pa.Array | None:
         import pyarrow.compute as pc

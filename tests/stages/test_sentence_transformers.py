@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import ArtifactError, ConfigError, DataError
-from stages.sentence_transformers import SentenceTransformerEncoder, resolve_model
+from stages.sentence_transformers import SentenceTransformerEncoder, length_batches, resolve_model
 
 TEXTS = ["cordless drill 18v lithium", "60-watt equivalent LED light bulb", "3/4 in. copper pipe fitting",
          "white vinyl fence post cap", "outdoor garden hose 50 ft"]
@@ -64,9 +64,32 @@ def test_bad_params():
         SentenceTransformerEncoder(precision="int4").validate_params()
     with pytest.raises(ConfigError, match="'batch_size' parameter"):
         SentenceTransformerEncoder(batch_size=0).validate_params()
+    with pytest.raises(ConfigError, match="'attention' parameter"):
+        SentenceTransformerEncoder(attention="flash").validate_params()
 
 
 def test_batch_composition_does_not_change_embeddings(encoder):
     together = encoder.encode_texts(TEXTS)
     alone = np.vstack([encoder.encode_texts([t]) for t in TEXTS])
     np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_same_embeddings_as_sentence_transformers_encode(encoder):
+    """The stage skips ``encode``'s bookkeeping, not its work: same vectors, eager or SDPA attention."""
+    ours = encoder.encode_texts(TEXTS * 3)
+    bare = encoder.model_.encode(TEXTS * 3, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(ours, bare, atol=1e-5)
+    sdpa = SentenceTransformerEncoder(attention="sdpa")
+    np.testing.assert_allclose(sdpa.encode_texts(TEXTS), ours[:len(TEXTS)], atol=1e-5)
+    assert encoder.model_[0].auto_model.config._attn_implementation == "eager"
+    assert sdpa.model_[0].auto_model.config._attn_implementation == "sdpa"
+
+
+def test_length_batches_cut_where_the_length_changes():
+    lengths = np.array([5, 3, 3, 3, 3, 5, 5, 9, 3, 5])
+    batches = length_batches(lengths, batch_size=4)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(10))
+    assert [sorted(lengths[b].tolist()) for b in batches] == [[3, 3, 3, 3], [3], [5, 5, 5, 5], [9]]
+    # runs shorter than a quarter of the batch are merged rather than left as tiny batches
+    assert [len(b) for b in length_batches(np.arange(10), batch_size=8)] == [8, 2]
+    assert length_batches(np.array([], dtype=int), batch_size=4) == []
