@@ -63,7 +63,7 @@ class LightGBMRanker(Stage):
     ``lambdarank_truncation_level`` (default 30): pairs are only formed with the items the
     current model ranks above it, so to order a deep list (Recall@100 from 200 candidates) raise
     it to about the depth that matters. ``feature_fraction`` and ``bagging_fraction`` (LightGBM's,
-    default 1: off) train each tree on a random share of the features / queries' rows, which
+    default 1: off) train each tree on a random share of the features / of the rows, which
     regularises a ranker over many correlated features.
 
     The previous ``score``/``rank`` are kept as ``recall_score``/``recall_rank``.
