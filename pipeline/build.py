@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
+
 from .config import PipelineConfig
 from .stage import Pipeline, Stage
 
-__all__ = ["BuildContext", "build_artifacts", "find_upstream", "upstream_key"]
+__all__ = ["BuildContext", "build_artifacts", "find_upstream", "run_batches", "upstream_key"]
 
 
 @dataclass
@@ -69,3 +71,19 @@ def upstream_key(upstream: Pipeline | None) -> list:
                 keys[param] = json.loads(manifest.read_text()).get("build_key")
         parts.append({"spec": stage_to_spec(stage), "artifacts": keys})
     return parts
+
+
+def run_batches(pipe: Pipeline, queries: pa.Table, *, progress: bool, desc: str, batch_size: int = 256) -> pa.Table:
+    """Run ``pipe`` over ``queries`` ``batch_size`` at a time with a progress bar (builds that need
+    upstream candidates: rankers, item statistics); one table out."""
+    from tqdm.auto import tqdm
+
+    parts = []
+    with tqdm(total=queries.num_rows, desc=desc, unit="q", disable=not progress) as bar:
+        for start in range(0, queries.num_rows, batch_size):
+            batch = queries.slice(start, batch_size)
+            parts.append(pipe(batch))
+            bar.update(batch.num_rows)
+    if not parts:
+        return pipe(queries)
+    return pa.concat_tables(parts, promote_options="permissive")

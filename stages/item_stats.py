@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import build_key, read_manifest, sha256_file, verify_files, write_json_atomic
-from pipeline.build import upstream_key
+from pipeline.build import run_batches, upstream_key
 from pipeline.columns import ITEM_ID, QUERY, QUERY_ID, RANK
 from pipeline.data import holdout_mask, read_catalog, read_parquet
 from pipeline.errors import ArtifactError, DataError
@@ -119,9 +119,7 @@ class ItemStatsFeatures(Stage):
             exprs.append(pl.col(c).list.len().fill_null(0).alias(feature_column(f"n_{c}")))
         stats = items.select([pl.col(ITEM_ID), *exprs])
         if self.depth:
-            from .lightgbm import _run_batches
-
-            cands = _run_batches(upstream, log, progress=ctx.progress, desc=f"{self.name}: query log")
+            cands = run_batches(upstream, log, progress=ctx.progress, desc=f"{self.name}: query log")
             counts = (pl.from_arrow(cands.select([ITEM_ID, RANK])).filter(pl.col(RANK) <= self.depth)
                       .group_by(ITEM_ID).len(name=RETRIEVED_BY))
             counts = counts.with_columns(pl.col(ITEM_ID).cast(stats.schema[ITEM_ID]))

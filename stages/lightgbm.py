@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import build_key, read_manifest, sha256_file, verify_files, write_json_atomic
-from pipeline.build import BuildContext, find_upstream, upstream_key
+from pipeline.build import BuildContext, find_upstream, run_batches, upstream_key
 from pipeline.columns import ITEM_ID, QUERY, QUERY_ID, RANK, RECALL_RANK, RECALL_SCORE, RELEVANCE, SCORE
 from pipeline.data import holdout_mask, read_judgments
 from pipeline.errors import ArtifactError, DataError, DeviceError
@@ -280,7 +280,7 @@ class LightGBMRanker(Stage):
         pq.write_table(judgments.filter(pc.is_in(judgments.column(QUERY_ID), held_ids)), folder / HOLDOUT_JUDGMENTS)
 
         train_q = queries.filter(pa.array(~held))
-        cands = _run_batches(upstream, train_q, progress=ctx.progress, desc="ranker training candidates")
+        cands = run_batches(upstream, train_q, progress=ctx.progress, desc="ranker training candidates")
         rel = pl.from_arrow(judgments.select([QUERY_ID, ITEM_ID, RELEVANCE])).unique([QUERY_ID, ITEM_ID])
         frame = pl.from_arrow(cands).with_row_index("__row")
         rel = rel.with_columns(pl.col(ITEM_ID).cast(frame.schema[ITEM_ID]), pl.col(QUERY_ID).cast(frame.schema[QUERY_ID]))
@@ -355,17 +355,3 @@ def _group_sizes(qids: pl.Series) -> np.ndarray:
     change = (qids != qids.shift(1)).fill_null(True).to_numpy()
     starts = np.flatnonzero(change)
     return np.diff(np.append(starts, len(qids)))
-
-
-def _run_batches(pipe: Pipeline, queries: pa.Table, *, progress: bool, desc: str, batch_size: int = 256) -> pa.Table:
-    from tqdm.auto import tqdm
-
-    parts = []
-    with tqdm(total=queries.num_rows, desc=desc, unit="q", disable=not progress) as bar:
-        for start in range(0, queries.num_rows, batch_size):
-            batch = queries.slice(start, batch_size)
-            parts.append(pipe(batch))
-            bar.update(batch.num_rows)
-    if not parts:
-        return pipe(queries)
-    return pa.concat_tables(parts, promote_options="permissive")
