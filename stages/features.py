@@ -24,8 +24,13 @@ __all__ = ["TextMatchFeatures", "FEATURES", "FEATURE_PREFIX", "DEFAULT_FEATURES"
 FEATURE_PREFIX = "f_"
 _TOKEN = r"[a-z0-9]+(?:[./][0-9]+)*"
 _NUMBER = r"[0-9]+(?:[./][0-9]+)*"
+# helper columns, computed once per batch and only when a chosen feature reads them: query tokens
+# and numbers (once per distinct query), title tokens and numbers, their overlap, their stems
 _Q, _T = "__q_tokens", "__t_tokens"
+_QN, _TN = "__q_numbers", "__t_numbers"
+_OV = "__overlap"
 _QS, _TS = "__q_stems", "__t_stems"
+_HELPERS = (_Q, _T, _QN, _TN, _OV, _QS, _TS)
 
 
 def feature_column(name: str) -> str:
@@ -38,9 +43,10 @@ class Feature:
 
     ``expr`` returns one expression (column ``f_<name>``) or, for a feature that expands per
     recall source, a dict ``{suffix: expression}`` (columns ``f_<suffix>``); ``inputs`` then
-    lists the columns it reads. ``mention`` names the parameter holding an attribute column whose
-    values are looked for in the query (the stage computes that match once, for text or list
-    columns alike).
+    lists the columns it reads. ``helpers`` names the helper columns it reads (token lists,
+    numbers, overlap: computed once per batch for all features). ``mention`` names the parameter
+    holding an attribute column whose values are looked for in the query (the stage computes
+    that match once, for text or list columns alike).
     """
 
     needs: tuple[str, ...]  # names of TextMatchFeatures parameters holding column names
@@ -48,14 +54,11 @@ class Feature:
     doc: str
     inputs: Callable[["TextMatchFeatures"], list[str]] | None = None
     mention: str | None = None
+    helpers: tuple[str, ...] = ()
 
 
 def _tokens(col: str) -> pl.Expr:
     return pl.col(col).fill_null("").str.to_lowercase().str.extract_all(_TOKEN)
-
-
-def _overlap() -> pl.Expr:
-    return pl.col(_Q).list.set_intersection(pl.col(_T)).list.len()
 
 
 def _stem_overlap() -> pl.Expr:
@@ -109,26 +112,29 @@ def _per_source(s: "TextMatchFeatures", kind: str, missing: float) -> dict[str, 
 FEATURES: dict[str, Feature] = {
     "recall_score": Feature(("score_column",), lambda s: pl.col(s.score_column), "score given by recall"),
     "recall_rank": Feature(("rank_column",), lambda s: pl.col(s.rank_column), "rank given by recall"),
-    "overlap": Feature(("query_column", "title_column"), lambda s: _overlap(), "query tokens found in the title"),
-    "coverage": Feature(("query_column", "title_column"),
-                        lambda s: _safe_div(_overlap(), pl.col(_Q).list.len()), "share of query tokens in the title"),
+    "overlap": Feature(("query_column", "title_column"), lambda s: pl.col(_OV), "query tokens found in the title",
+                       helpers=(_OV,)),
+    "coverage": Feature(("query_column", "title_column"), lambda s: _safe_div(pl.col(_OV), pl.col(_Q).list.len()),
+                        "share of query tokens in the title", helpers=(_OV,)),
+    # |Q u T| = |Q| + |T| - |Q n T| over distinct tokens
     "jaccard": Feature(("query_column", "title_column"),
-                       lambda s: _safe_div(_overlap(), pl.col(_Q).list.concat(pl.col(_T)).list.unique().list.len()),
-                       "Jaccard similarity of query and title token sets"),
+                       lambda s: _safe_div(pl.col(_OV), pl.col(_Q).list.n_unique() + pl.col(_T).list.n_unique()
+                                           - pl.col(_OV)),
+                       "Jaccard similarity of query and title token sets", helpers=(_OV,)),
     "stem_overlap": Feature(("query_column", "title_column"), lambda s: _stem_overlap(),
-                            "query words found in the title after stemming ('drills' matches 'drill')"),
+                            "query words found in the title after stemming ('drills' matches 'drill')",
+                            helpers=(_QS, _TS)),
     "stem_coverage": Feature(("query_column", "title_column"),
                              lambda s: _safe_div(_stem_overlap(), pl.col(_QS).list.unique().list.len()),
-                             "share of the query's distinct stemmed words found in the title"),
-    "title_len": Feature(("title_column",), lambda s: pl.col(_T).list.len(), "title length in tokens"),
-    "query_len": Feature(("query_column",), lambda s: pl.col(_Q).list.len(), "query length in tokens"),
+                             "share of the query's distinct stemmed words found in the title", helpers=(_QS, _TS)),
+    "title_len": Feature(("title_column",), lambda s: pl.col(_T).list.len(), "title length in tokens", helpers=(_T,)),
+    "query_len": Feature(("query_column",), lambda s: pl.col(_Q).list.len(), "query length in tokens", helpers=(_Q,)),
     "number_match": Feature(
         ("query_column", "title_column"),
-        lambda s: _safe_div(_numbers(s.query_column).list.set_intersection(_numbers(s.title_column)).list.len(),
-                            _numbers(s.query_column).list.len()),
-        "share of the query's numbers (sizes, gauges, model numbers) found in the title"),
-    "query_has_number": Feature(("query_column",), lambda s: _numbers(s.query_column).list.len() > 0,
-                                "the query contains a number"),
+        lambda s: _safe_div(pl.col(_QN).list.set_intersection(pl.col(_TN)).list.len(), pl.col(_QN).list.len()),
+        "share of the query's numbers (sizes, gauges, model numbers) found in the title", helpers=(_QN, _TN)),
+    "query_has_number": Feature(("query_column",), lambda s: pl.col(_QN).list.len() > 0,
+                                "the query contains a number", helpers=(_QN,)),
     "brand_match": Feature(("query_column", "brand_column"), lambda s: pl.col(_mention_column(s.brand_column)),
                            "the item's brand is mentioned in the query", mention="brand_column"),
     "color_match": Feature(("query_column", "color_column"), lambda s: pl.col(_mention_column(s.color_column)),
@@ -228,21 +234,32 @@ class TextMatchFeatures(Stage):
     def produced_columns(self) -> pa.Schema:
         return pa.schema([pa.field(c, pa.float32()) for c in self._exprs()])
 
+    def _helper_columns(self) -> list[str]:
+        """The helper columns the chosen features read, with what they are built from, in build order."""
+        used = {h for f in self.features for h in FEATURES[f].helpers}
+        if used & {_OV, _QS, _TS}:
+            used |= {_Q, _T}
+        return [h for h in _HELPERS if h in used]
+
     def transform(self, table: pa.Table) -> pa.Table:
         frame = pl.from_arrow(table)
-        exprs = list(self._exprs().values())
-        needs = {p for f in self.features for p in FEATURES[f].needs}
-        helpers = []
-        if "query_column" in needs:
-            helpers.append(_tokens(self.query_column).alias(_Q))
-        if "title_column" in needs:
-            helpers.append(_tokens(self.title_column).alias(_T))
-        out = frame.with_columns(helpers)
-        if {"stem_overlap", "stem_coverage"} & set(self.features):
+        helpers = self._helper_columns()
+        q, t = self.query_column, self.title_column
+        per_query = {_Q: _tokens(q), _QN: _numbers(q)}
+        if query_level := [per_query[h].alias(h) for h in helpers if h in per_query]:
+            # a query has ~100 candidate rows: work on each distinct query once
+            distinct = frame.select(pl.col(q)).unique().with_columns(query_level)
+            out = frame.join(distinct, on=q, how="left", maintain_order="left", nulls_equal=True)
+        else:
+            out = frame
+        per_row = {_T: _tokens(t), _TN: _numbers(t)}
+        out = out.with_columns(per_row[h].alias(h) for h in helpers if h in per_row)
+        if _OV in helpers:
+            out = out.with_columns(pl.col(_Q).list.set_intersection(pl.col(_T)).list.len().alias(_OV))
+        if _QS in helpers:
             out = out.with_columns(_stems(out, pl.col(_Q)).alias(_QS), _stems(out, pl.col(_T)).alias(_TS))
-        helpers = []
         mentioned = {getattr(self, FEATURES[f].mention) for f in self.features if FEATURES[f].mention}
-        helpers += [_mention_values(frame, c, self.query_column).alias(_mention_column(c)) for c in sorted(mentioned)]
-        out = (out.with_columns(helpers).with_columns(exprs)
-               .drop([_Q, _T, _QS, _TS, *(_mention_column(c) for c in mentioned)], strict=False))
+        out = out.with_columns(_mention_values(frame, c, q).alias(_mention_column(c)) for c in sorted(mentioned))
+        out = (out.with_columns(self._exprs().values())
+               .drop([*helpers, *(_mention_column(c) for c in mentioned)], strict=False))
         return keep_input_types(out.to_arrow(), table.schema)
