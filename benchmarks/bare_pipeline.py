@@ -81,17 +81,17 @@ def _mentions(col: str, query: str) -> pl.Expr:
 
 def _feature(name: str, p: dict) -> pl.Expr:
     q, t = p.get("query_column", "query"), p.get("title_column", "title")
-    overlap = pl.col("_q").list.set_intersection(pl.col("_t")).list.len()
+    overlap = pl.col("_ov")
     exprs = {
         "recall_score": lambda: pl.col(p.get("score_column", "score")),
         "recall_rank": lambda: pl.col(p.get("rank_column", "rank")),
         "overlap": lambda: overlap,
         "coverage": lambda: _div(overlap, pl.col("_q").list.len()),
-        "jaccard": lambda: _div(overlap, pl.col("_q").list.concat(pl.col("_t")).list.unique().list.len()),
+        "jaccard": lambda: _div(overlap, pl.col("_q").list.n_unique() + pl.col("_t").list.n_unique() - overlap),
         "title_len": lambda: pl.col("_t").list.len(),
         "query_len": lambda: pl.col("_q").list.len(),
-        "number_match": lambda: _div(_numbers(q).list.set_intersection(_numbers(t)).list.len(), _numbers(q).list.len()),
-        "query_has_number": lambda: _numbers(q).list.len() > 0,
+        "number_match": lambda: _div(pl.col("_qn").list.set_intersection(pl.col("_tn")).list.len(), pl.col("_qn").list.len()),
+        "query_has_number": lambda: pl.col("_qn").list.len() > 0,
         "brand_match": lambda: _mentions(p.get("brand_column", "brand"), q),
         "color_match": lambda: _mentions(p.get("color_column", "color"), q),
         "material_match": lambda: _mentions(p.get("material_column", "material"), q),
@@ -176,14 +176,14 @@ class BarePipeline:
                 if p.get("max_seq_length"):
                     model.max_seq_length = p["max_seq_length"]
                 model.eval()
-                if p.get("precision") == "bf16" and device == "cpu":  # linear weights stored in bf16, used under autocast
-                    for module in model.modules():
-                        if isinstance(module, torch.nn.Linear):
-                            module.to(torch.bfloat16)
+                if p.get("precision") == "bf16" and device == "cpu":  # the whole model in bf16, as Funnel's stage
+                    model.to(torch.bfloat16)
                 attention = p.get("attention", "auto")
                 attention = "eager" if attention == "auto" and device == "cpu" else attention
                 if attention != "auto":  # the attention kernel Funnel's stage picks
                     model[0].auto_model.set_attn_implementation(attention)
+                if p.get("compile"):
+                    model[0].auto_model.forward = torch.compile(model[0].auto_model.forward, dynamic=True)
                 self.state.append({"model": model, "device": device})
             elif kind == "recall.faiss":
                 folder = self._path(p.get("index", "artifacts/index"))
@@ -209,8 +209,11 @@ class BarePipeline:
                 self.state.append({"expr": reduce(operator.and_, [_rule(r) for r in rules]) if rules else None})
             elif kind == "features.text":
                 names = list(p.get("features", _DEFAULT_FEATURES))
-                helpers = [_tokens(p.get("query_column", "query")).alias("_q"), _tokens(p.get("title_column", "title")).alias("_t")]
-                self.state.append({"helpers": helpers, "exprs": [_feature(n, p) for n in names]})
+                q, t = p.get("query_column", "query"), p.get("title_column", "title")
+                # the query's tokens and numbers once per distinct query, the title's per row, their overlap once
+                self.state.append({"query": q, "per_query": [_tokens(q).alias("_q"), _numbers(q).alias("_qn")],
+                                   "per_row": [_tokens(t).alias("_t"), _numbers(t).alias("_tn")],
+                                   "exprs": [_feature(n, p) for n in names]})
             elif kind == "rank.lightgbm":
                 booster = lgb.Booster(model_file=str(self._path(p.get("model", "artifacts/ranker")) / "model.txt"))
                 self.state.append({"booster": booster, "features": booster.feature_name(),
@@ -228,7 +231,7 @@ class BarePipeline:
             t0 = time.perf_counter()
             if kind == "encode.sentence_transformers":
                 precision = p.get("precision", "fp32")
-                ctx = (contextlib.nullcontext() if precision == "fp32" else
+                ctx = (contextlib.nullcontext() if precision == "fp32" or s["device"] == "cpu" else
                        torch.autocast(s["device"], dtype=torch.bfloat16 if precision == "bf16" else torch.float16))
                 with torch.inference_mode(), ctx:
                     out = s["model"].encode(df[p.get("text_column", "query")].to_list(), batch_size=p.get("batch_size", 64),
@@ -257,7 +260,11 @@ class BarePipeline:
                 if s["expr"] is not None:
                     df = df.filter(s["expr"])
             elif kind == "features.text":
-                df = df.with_columns(s["helpers"]).with_columns(s["exprs"]).drop(["_q", "_t"])
+                per_query = df.select(pl.col(s["query"])).unique().with_columns(s["per_query"])
+                df = (df.join(per_query, on=s["query"], how="left", maintain_order="left", nulls_equal=True)
+                      .with_columns(s["per_row"])
+                      .with_columns(pl.col("_q").list.set_intersection(pl.col("_t")).list.len().alias("_ov"))
+                      .with_columns(s["exprs"]).drop(["_q", "_qn", "_t", "_tn", "_ov"]))
             elif kind == "rank.lightgbm":
                 x = df.select(s["features"]).to_numpy().astype(np.float32, copy=False)
                 scores = s["booster"].predict(x, num_threads=s["threads"]) if len(df) else np.zeros(0)

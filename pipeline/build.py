@@ -17,7 +17,7 @@ from typing import Callable
 
 import pyarrow as pa
 
-from .config import PipelineConfig
+from .config import PipelineConfig, stage_to_spec
 from .stage import Pipeline, Stage
 
 __all__ = ["BuildContext", "build_artifacts", "find_upstream", "run_batches", "upstream_key"]
@@ -57,10 +57,15 @@ def build_artifacts(cfg: PipelineConfig, *, force: bool = False, progress: bool 
     return pipe
 
 
+def key_params(stage: Stage) -> dict:
+    """``stage``'s parameters as build keys see them: all but its ``same_results_params``."""
+    skip = set(stage.same_results_params)
+    return {k: v for k, v in stage_to_spec(stage)["params"].items() if k not in skip}
+
+
 def upstream_key(upstream: Pipeline | None) -> list:
     """What a downstream artifact depends on: each upstream stage's spec and artifact build key."""
     from .artifacts import MANIFEST
-    from .config import stage_to_spec
 
     parts = []
     for stage in upstream.stages if upstream is not None else ():
@@ -69,7 +74,7 @@ def upstream_key(upstream: Pipeline | None) -> list:
             manifest = stage.resolve_path(getattr(stage, param)) / MANIFEST
             if manifest.exists():
                 keys[param] = json.loads(manifest.read_text()).get("build_key")
-        parts.append({"spec": stage_to_spec(stage), "artifacts": keys})
+        parts.append({"spec": {"type": stage.name, "params": key_params(stage)}, "artifacts": keys})
     return parts
 
 

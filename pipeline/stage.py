@@ -98,6 +98,10 @@ class Stage:
     top_param: ClassVar[str | None] = None
     #: parameters holding file paths, resolved against the config file's folder
     path_params: ClassVar[tuple[str, ...]] = ()
+    #: parameters that change the output by floating-point rounding at most (a kernel choice,
+    #: compilation): build keys of artifacts made from this stage's output ignore them, so
+    #: switching one does not make an index or a ranker stale
+    same_results_params: ClassVar[tuple[str, ...]] = ()
     #: set ``True`` on intermediate base classes that do not implement ``transform``
     abstract: ClassVar[bool] = False
 

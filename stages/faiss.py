@@ -10,9 +10,8 @@ import polars as pl
 
 from indexes.faiss_index import FaissIndex, faiss_has_gpu
 from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file
-from pipeline.build import BuildContext, find_upstream
+from pipeline.build import BuildContext, find_upstream, key_params
 from pipeline.columns import ITEM_ID, QUERY_EMBEDDING, QUERY_ID, RANK, SCORE, SOURCE
-from pipeline.config import stage_to_spec
 from pipeline.data import read_catalog
 from pipeline.errors import ArtifactError, ConfigError, DataError, DeviceError
 from pipeline.schema import ANY, EMBEDDING
@@ -25,10 +24,8 @@ __all__ = ["FaissRecall"]
 
 
 def _vector_params(encoder: Stage) -> dict:
-    """The encoder's parameters that decide the vectors (its build-key part): all but those
-    it lists in ``same_vectors_params`` (an attention kernel changes them by rounding only)."""
-    skip = set(getattr(encoder, "same_vectors_params", ()))
-    return {k: v for k, v in stage_to_spec(encoder)["params"].items() if k not in skip}
+    """The encoder's parameters that decide the vectors (its build-key part)."""
+    return key_params(encoder)
 
 class FaissRecall(Stage):
     """Recall the ``k`` nearest items of each query embedding from a FAISS index.

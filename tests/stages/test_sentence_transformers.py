@@ -33,14 +33,23 @@ def test_similar_texts_are_closer(encoder):
     assert a @ b > a @ c + 0.2
 
 
-def test_bf16_autocast_matches_fp32(encoder):
+def test_bf16_matches_fp32(encoder):
     bf16 = SentenceTransformerEncoder(precision="bf16")
     cos = (encoder.encode_texts(TEXTS) * bf16.encode_texts(TEXTS)).sum(axis=1)
     assert cos.min() >= 0.999
     import torch
 
-    dtypes = {type(m).__name__: m.weight.dtype for m in bf16.model_.modules() if hasattr(m, "weight")}
-    assert dtypes["Linear"] == torch.bfloat16 and dtypes["LayerNorm"] == torch.float32
+    # on CPU the whole model is stored in bf16 (no autocast casts per call)
+    assert {p.dtype for p in bf16.model_.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_compiled_encoder_gives_the_same_vectors(encoder):
+    compiled = SentenceTransformerEncoder(compile=True)
+    texts = TEXTS + ["a longer product title: 18-volt lithium-ion cordless drill driver kit with two batteries"]
+    np.testing.assert_allclose(compiled.encode_texts(texts), encoder.encode_texts(texts), atol=1e-4)
+    # one compiled graph for every batch shape (dynamic shapes)
+    np.testing.assert_allclose(compiled.encode_texts(texts[:2]), encoder.encode_texts(texts[:2]), atol=1e-4)
 
 
 def test_local_folder_is_accepted():
@@ -85,11 +94,34 @@ def test_same_embeddings_as_sentence_transformers_encode(encoder):
     assert sdpa.model_[0].auto_model.config._attn_implementation == "sdpa"
 
 
+def _padded_cost(lengths, batches, call_cost):
+    return sum(call_cost + len(b) * lengths[b].max() for b in batches)
+
+
 def test_length_batches_cut_where_the_length_changes():
     lengths = np.array([5, 3, 3, 3, 3, 5, 5, 9, 3, 5])
-    batches = length_batches(lengths, batch_size=4)
+    batches = length_batches(lengths, batch_size=4, call_cost=0)
     assert sorted(np.concatenate(batches).tolist()) == list(range(10))
-    assert [sorted(lengths[b].tolist()) for b in batches] == [[3, 3, 3, 3], [3], [5, 5, 5, 5], [9]]
-    # runs shorter than a quarter of the batch are merged rather than left as tiny batches
-    assert [len(b) for b in length_batches(np.arange(10), batch_size=8)] == [8, 2]
+    # calls cost nothing: no padding at all
+    assert sorted(sorted(lengths[b].tolist()) for b in batches) == [[3], [3, 3, 3, 3], [5, 5, 5, 5], [9]]
+    # a costly call: as few batches as batch_size allows, padded as little as possible
+    assert [sorted(lengths[b].tolist()) for b in length_batches(lengths, batch_size=4, call_cost=1000)] == \
+        [[3, 3, 3, 3], [3, 5, 5, 5], [5, 9]]
     assert length_batches(np.array([], dtype=int), batch_size=4) == []
+
+
+def test_length_batches_are_the_cheapest_cuts():
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        lengths = rng.integers(1, 30, size=int(rng.integers(1, 9)))
+        batch_size, call_cost = int(rng.integers(1, 5)), float(rng.choice([0, 8, 64]))
+        batches = length_batches(lengths, batch_size, call_cost)
+        assert all(len(b) <= batch_size for b in batches)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+        order, n = np.argsort(lengths, kind="stable"), len(lengths)
+        best = min(_padded_cost(lengths, [order[a:b] for a, b in zip((0,) + cut, cut + (n,))], call_cost)
+                   for k in range(n) for cut in itertools.combinations(range(1, n), k)
+                   if all(b - a <= batch_size for a, b in zip((0,) + cut, cut + (n,))))
+        assert _padded_cost(lengths, batches, call_cost) == best
