@@ -536,9 +536,13 @@ def _encoder_bench(encoder: Stage, texts: dict[str, list[str]], repeats: int, sw
     compiled = ", compiled" if getattr(encoder, "compile", False) else ""
     variants = {f"configured ({encoder.precision}, batch {encoder.batch_size}{compiled})": encoder}
     fast = "bf16" if encoder.device_ == "cpu" else "fp16"
+    fast_encoder = encoder
+    if encoder.precision != fast:  # its own model: on CPU bf16 is a conversion of the weights, not a context
+        fast_encoder = encoder.clone(precision=fast)
+        fast_encoder.warm_up()
     for bs in sorted({encoder.batch_size, 256} | ({32, 64, 128} if sweep else set())):
         if (fast, bs) != (encoder.precision, encoder.batch_size):
-            variants[f"{fast}, batch {bs}{compiled}"] = _clone_warm(encoder, precision=fast, batch_size=bs)
+            variants[f"{fast}, batch {bs}{compiled}"] = _clone_warm(fast_encoder, batch_size=bs)
     report = {"bare": f"SentenceTransformer.encode fp32 (batch_size 32, normalize_embeddings={encoder.normalize})",
               "device": encoder.device_, "torch_threads": torch.get_num_threads(), "sets": {}}
     runs = max(1, min(repeats, 3))

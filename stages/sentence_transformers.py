@@ -186,6 +186,13 @@ class SentenceTransformerEncoder(Stage):
         self.model_ = model
         self.dim_ = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
                         else model.get_sentence_embedding_dimension())
+        if self.compile:  # compile now (warm_up is where heavy work belongs), and fail here if it cannot
+            try:
+                self.encode_texts(["warm up", "compile the encoder for every batch shape"])
+            except Exception as exc:  # inductor raises many types (no C++ compiler, unsupported op ...)
+                self.model_ = None
+                raise ConfigError(f"stage '{self.name}': parameter 'compile' is true but torch.compile failed "
+                                  f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); set it to false") from exc
 
     def _model_path(self) -> str:
         """``model``, or the folder it names relative to the config file when that folder exists."""
@@ -220,6 +227,8 @@ class SentenceTransformerEncoder(Stage):
             for rows in tqdm(length_batches(self._token_counts(texts), self.batch_size), desc="Batches",
                              disable=not progress):
                 batch = [texts[i] for i in rows]
+                if self.compile and len(batch) == 1:  # torch.compile specialises size 1: reuse the dynamic graph
+                    batch = batch * 2
                 features = model.preprocess(batch, prompt=prompt) if hasattr(model, "preprocess") else \
                     model.tokenize([prompt + t for t in batch] if prompt else batch)  # sentence-transformers < 6
                 emb = model(batch_to_device(features, model.device))["sentence_embedding"].float()
@@ -227,7 +236,7 @@ class SentenceTransformerEncoder(Stage):
                     emb = emb[:, :model.truncate_dim]
                 if self.normalize:
                     emb = torch.nn.functional.normalize(emb, p=2, dim=1)
-                out[rows] = emb.cpu().numpy()
+                out[rows] = emb[:len(rows)].cpu().numpy()
         return out
 
     def _token_counts(self, texts: list[str]) -> np.ndarray:

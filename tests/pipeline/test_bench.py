@@ -78,7 +78,8 @@ def test_encoder_is_compared_with_bare_sentence_transformers(bench_report):
     for s in enc["sets"].values():
         configured = s["variants"]["configured (fp32, batch 16)"]
         assert configured["cosine_min"] > 0.9999 and configured["speedup"] > 0
-        assert s["variants"]["bf16, batch 256"]["cosine_min"] > 0.99
+        # really bf16 (its own bf16 model, not the fp32 one shared with the configured stage)
+        assert 0.99 < s["variants"]["bf16, batch 256"]["cosine_min"] < 0.999999
 
 
 @pytest.mark.slow
