@@ -183,7 +183,8 @@ class BarePipeline:
                 if attention != "auto":  # the attention kernel Funnel's stage picks
                     model[0].auto_model.set_attn_implementation(attention)
                 if p.get("compile"):
-                    model[0].auto_model.forward = torch.compile(model[0].auto_model.forward, dynamic=True)
+                    model[0].auto_model.forward = torch.compile(model[0].auto_model.forward, dynamic=True,
+                                                                options={"freezing": True})
                 self.state.append({"model": model, "device": device})
             elif kind == "recall.faiss":
                 folder = self._path(p.get("index", "artifacts/index"))

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .errors import MISSING_COLUMN, WRONG_TYPE, SchemaError
 
-__all__ = ["ANY", "EMBEDDING", "compatible", "check_columns", "describe", "merge_schema"]
+__all__ = ["ANY", "EMBEDDING", "compatible", "check_columns", "describe", "merge_schema", "keep_input_types", "take_rows"]
 
 #: Field type meaning "any Arrow type".
 ANY = pa.null()
@@ -92,3 +92,14 @@ def keep_input_types(out: pa.Table, source: pa.Schema) -> pa.Table:
         fields.append(source.field(idx) if idx >= 0 else f)
     target = pa.schema(fields)
     return out if target == out.schema else out.cast(target)
+
+
+def take_rows(table: pa.Table, indices: pa.Array) -> pa.Table:
+    """``table.take(indices)``, also for tables with view columns (``string_view`` from Polars),
+    which Arrow has no take kernel for: those go through Polars and keep their types."""
+    try:
+        return table.take(indices)
+    except pa.ArrowNotImplementedError:
+        import polars as pl
+
+        return pl.from_arrow(table)[pl.from_arrow(indices)].to_arrow().cast(table.schema)

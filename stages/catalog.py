@@ -17,6 +17,7 @@ from pipeline.stage import Stage, StageTags
 __all__ = ["CatalogLookup"]
 
 ITEMS_FILE = "items.parquet"
+_POS = "__pos"
 
 
 class CatalogLookup(Stage):
@@ -70,26 +71,32 @@ class CatalogLookup(Stage):
         what = f"stage '{self.name}' items"
         manifest = read_manifest(folder, what=what)
         verify_files(folder, manifest, what=what)
-        self.items_ = pl.from_arrow(pq.read_table(folder / ITEMS_FILE, columns=[ITEM_ID, *self.columns]))
+        items = pq.read_table(folder / ITEMS_FILE, columns=[ITEM_ID, *self.columns]).combine_chunks()
+        self.items_ = pl.from_arrow(items)
+        # rows of the snapshot by item id: a batch is looked up by one join on its ids, then Arrow
+        # takes the attribute columns (the candidates' own columns never leave Arrow)
+        self.attributes_ = items.drop_columns([ITEM_ID])
+        self.positions_ = self.items_.select(ITEM_ID).with_row_index(_POS)
+
+    def _positions(self, table: pa.Table) -> pl.Series:
+        """Per candidate row: its item's row in the snapshot (null when not there)."""
+        ids = pl.from_arrow(table.select([ITEM_ID]))
+        index = self.positions_
+        if index.schema[ITEM_ID] != ids.schema[ITEM_ID]:
+            index = index.with_columns(pl.col(ITEM_ID).cast(ids.schema[ITEM_ID], strict=False))
+        return ids.join(index, on=ITEM_ID, how="left", maintain_order="left", nulls_equal=False)[_POS]
 
     def invalid_rows(self, table: pa.Table) -> pa.Array | None:
         """Candidates whose item is not in the snapshot (an index and catalog out of step)."""
-        import pyarrow.compute as pc
-
-        ids = table.column(ITEM_ID)
-        known = self.items_.get_column(ITEM_ID).to_arrow()
-        if known.type != ids.type:
-            known = known.cast(ids.type)
-        missing = pc.invert(pc.is_in(ids, value_set=known))
-        if not pc.any(missing).as_py():
+        missing = self._positions(table).is_null()
+        if not missing.any():
             return None
-        reason = pc.if_else(missing, f"item_id not in the catalog snapshot {self.items}", pa.scalar(None, pa.string()))
-        return reason.combine_chunks() if isinstance(reason, pa.ChunkedArray) else reason
+        reason = f"item_id not in the catalog snapshot {self.items}"
+        return pl.select(pl.when(missing).then(pl.lit(reason))).to_series().to_arrow().cast(pa.string())
 
     def transform(self, table: pa.Table) -> pa.Table:
-        frame = pl.from_arrow(table).drop([c for c in self.columns if c in table.column_names])
-        items = self.items_
-        if items.schema[ITEM_ID] != frame.schema[ITEM_ID]:
-            items = items.with_columns(pl.col(ITEM_ID).cast(frame.schema[ITEM_ID]))
-        out = frame.join(items, on=ITEM_ID, how="left", maintain_order="left").to_arrow()
-        return keep_input_types(out, table.schema)
+        looked_up = self.attributes_.take(self._positions(table).to_arrow())
+        out = table.drop_columns([c for c in self.columns if c in table.column_names])
+        for name in self.columns:
+            out = out.append_column(looked_up.schema.field(name), looked_up.column(name))
+        return out

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pipeline.columns import QUERY_ID, RANK
 from pipeline.errors import ConfigError, DataError
-from pipeline.schema import ANY
+from pipeline.schema import ANY, take_rows
 from pipeline.stage import Stage, StageTags
 
 from .gpu_util import collect
@@ -332,7 +332,8 @@ class RuleFilter(Stage):
         if not self._columns():
             return table
         try:
-            df = pl.from_arrow(table)
+            # only the columns the rules read go to Polars; the rows kept are taken from the Arrow table
+            df = pl.from_arrow(table.select(self._columns()))
             self._check_types(df, table)
             row = "__row__"
             while row in df.columns:
@@ -342,9 +343,9 @@ class RuleFilter(Stage):
                 query = (query.sort(self.order_by, nulls_last=True, maintain_order=True)
                          .unique([self.group_by, self.dedupe_by], keep="first", maintain_order=True)
                          .sort(row))
-            df = collect(query, device=self.device_, owner=self, what=f"stage '{self.name}'")
+            kept = collect(query.select(row), device=self.device_, owner=self, what=f"stage '{self.name}'")[row]
         except pl.exceptions.PolarsError as exc:
             raise DataError(f"stage '{self.name}': the rules could not be applied to this batch: {exc}") from exc
-        if df.height == table.num_rows:
+        if len(kept) == table.num_rows:
             return table
-        return df.drop(row).to_arrow().cast(table.schema)
+        return take_rows(table, kept.to_arrow())
