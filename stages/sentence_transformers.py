@@ -103,8 +103,9 @@ class SentenceTransformerEncoder(Stage):
     ``"fp16"`` run under autocast. ``"fp16"`` needs CUDA. Embeddings are float32
     ``fixed_size_list`` columns, L2-normalised when ``normalize``. ``compile = true`` runs the
     transformer through ``torch.compile`` (dynamic shapes, so one compilation serves every batch
-    shape): ~20% faster on CPU for MiniLM, at the price of ~40 s at ``warm_up`` on 2 cores (less
-    when PyTorch's compile cache is warm), so it pays off for long batch jobs only.
+    shape, and frozen weights): 20-30% faster on CPU for MiniLM, at the price of 20-40 s at
+    ``warm_up`` on 2 cores (less when PyTorch's compile cache is warm), so it pays off for long
+    batch jobs only.
 
     Texts are encoded in order of their token count, in batches of at most ``batch_size`` cut
     where padding plus per-call cost is least (:func:`length_batches`; search queries and product
