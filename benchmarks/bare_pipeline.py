@@ -211,9 +211,9 @@ class BarePipeline:
             elif kind == "features.text":
                 names = list(p.get("features", _DEFAULT_FEATURES))
                 q, t = p.get("query_column", "query"), p.get("title_column", "title")
-                # the query's tokens and numbers once per distinct query, the title's per row, their overlap once
+                # tokens and numbers once per distinct query and per distinct title, their overlap once
                 self.state.append({"query": q, "per_query": [_tokens(q).alias("_q"), _numbers(q).alias("_qn")],
-                                   "per_row": [_tokens(t).alias("_t"), _numbers(t).alias("_tn")],
+                                   "title": t, "per_title": [_tokens(t).alias("_t"), _numbers(t).alias("_tn")],
                                    "exprs": [_feature(n, p) for n in names]})
             elif kind == "rank.lightgbm":
                 booster = lgb.Booster(model_file=str(self._path(p.get("model", "artifacts/ranker")) / "model.txt"))
@@ -262,8 +262,9 @@ class BarePipeline:
                     df = df.filter(s["expr"])
             elif kind == "features.text":
                 per_query = df.select(pl.col(s["query"])).unique().with_columns(s["per_query"])
+                per_title = df.select(pl.col(s["title"])).unique().with_columns(s["per_title"])
                 df = (df.join(per_query, on=s["query"], how="left", maintain_order="left", nulls_equal=True)
-                      .with_columns(s["per_row"])
+                      .join(per_title, on=s["title"], how="left", maintain_order="left", nulls_equal=True)
                       .with_columns(pl.col("_q").list.set_intersection(pl.col("_t")).list.len().alias("_ov"))
                       .with_columns(s["exprs"]).drop(["_q", "_qn", "_t", "_tn", "_ov"]))
             elif kind == "rank.lightgbm":

@@ -74,6 +74,14 @@ def _stems(frame: pl.DataFrame, tokens: pl.Expr) -> pl.Expr:
     return tokens.list.eval(pl.element().replace_strict(stems, default=pl.element(), return_dtype=pl.String))
 
 
+def _per_distinct(frame: pl.DataFrame, column: str, exprs: dict[str, pl.Expr]) -> pl.DataFrame:
+    """``frame`` with columns ``exprs`` (over ``column`` only) computed once per distinct value."""
+    if not exprs:
+        return frame
+    distinct = frame.select(pl.col(column)).unique().with_columns(e.alias(h) for h, e in exprs.items())
+    return frame.join(distinct, on=column, how="left", maintain_order="left", nulls_equal=True)
+
+
 def _safe_div(a: pl.Expr, b: pl.Expr) -> pl.Expr:
     return pl.when(b > 0).then(a / b).otherwise(0.0)
 
@@ -245,15 +253,10 @@ class TextMatchFeatures(Stage):
         frame = pl.from_arrow(table)
         helpers = self._helper_columns()
         q, t = self.query_column, self.title_column
-        per_query = {_Q: _tokens(q), _QN: _numbers(q)}
-        if query_level := [per_query[h].alias(h) for h in helpers if h in per_query]:
-            # a query has ~100 candidate rows: work on each distinct query once
-            distinct = frame.select(pl.col(q)).unique().with_columns(query_level)
-            out = frame.join(distinct, on=q, how="left", maintain_order="left", nulls_equal=True)
-        else:
-            out = frame
-        per_row = {_T: _tokens(t), _TN: _numbers(t)}
-        out = out.with_columns(per_row[h].alias(h) for h in helpers if h in per_row)
+        # a query has ~100 candidate rows and a popular item shows up for many queries: tokens and
+        # numbers are worked out once per distinct query text and once per distinct title
+        out = _per_distinct(frame, q, {h: e for h, e in ((_Q, _tokens(q)), (_QN, _numbers(q))) if h in helpers})
+        out = _per_distinct(out, t, {h: e for h, e in ((_T, _tokens(t)), (_TN, _numbers(t))) if h in helpers})
         if _OV in helpers:
             out = out.with_columns(pl.col(_Q).list.set_intersection(pl.col(_T)).list.len().alias(_OV))
         if _QS in helpers:
