@@ -80,7 +80,7 @@ def _mentions(col: str, query: str) -> pl.Expr:
 
 
 def _feature(name: str, p: dict) -> pl.Expr:
-    q, t = p.get("query_column", "query"), p.get("title_column", "title")
+    q = p.get("query_column", "query")
     overlap = pl.col("_ov")
     exprs = {
         "recall_score": lambda: pl.col(p.get("score_column", "score")),

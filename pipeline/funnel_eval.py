@@ -246,7 +246,6 @@ def funnel_eval(pipe: Pipeline, queries: pa.Table | str | Path, judgments: pa.Ta
 
     cand_steps = sorted(observer.seen)
     seen = {step: pl.concat(observer.seen[step], how="diagonal_relaxed") for step in cand_steps}
-    empty_src: dict[str, dict[int, float]] = {}
     stages_out: list[dict[str, Any]] = []
     for i, (stage, st) in enumerate(zip(pipe.stages, stats)):
         row: dict[str, Any] = {"step": i + 1, "stage": stage.name, "level": "candidate" if i in seen else "query",

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from pipeline.artifacts import build_key, read_manifest, sha256_file, verify_files, write_json_atomic
 from pipeline.columns import ITEM_ID, QUERY_ID
 from pipeline.data import read_catalog
-from pipeline.schema import ANY, keep_input_types
+from pipeline.schema import ANY
 from pipeline.stage import Stage, StageTags
 
 __all__ = ["CatalogLookup"]

@@ -8,16 +8,16 @@ import pyarrow.compute as pc
 
 import polars as pl
 
-from indexes.faiss_index import FaissIndex, faiss_has_gpu
+from indexes.faiss_index import FaissIndex
 from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file
 from pipeline.build import BuildContext, find_upstream, key_params
 from pipeline.columns import ITEM_ID, QUERY_EMBEDDING, QUERY_ID, RANK, SCORE, SOURCE
 from pipeline.data import read_catalog
-from pipeline.errors import ArtifactError, ConfigError, DataError, DeviceError
+from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.schema import ANY, EMBEDDING
 from pipeline.stage import Pipeline, Stage, StageTags
 
-from .gpu_util import log_fallback
+from .gpu_util import index_on_device
 
 __all__ = ["FaissRecall"]
 
@@ -168,15 +168,7 @@ class FaissRecall(Stage):
         self.validate_params()
         super().warm_up()
         try:
-            index = FaissIndex.load(self.resolve_path(self.index))
-            if self.device_ == "cuda":
-                try:
-                    index = index.to_gpu()
-                except DeviceError as exc:
-                    if self.device != "auto" and not faiss_has_gpu():
-                        raise
-                    log_fallback(self, f"stage '{self.name}': {exc}; searching on the CPU")
-                    self.device_ = "cpu"
+            index = index_on_device(self, FaissIndex.load(self.resolve_path(self.index)))
         except BaseException:
             self.device_ = None
             raise

@@ -8,6 +8,8 @@ Every stage with a ``device`` parameter keeps its CPU and CUDA code in one class
   reproduce exactly) runs that piece of work on the CPU instead and says so once, through
   Python's :mod:`logging` (WARNING, one message per stage and reason), never silently and never
   by failing a batch that the CPU can answer.
+* :func:`index_on_device` — a loaded FAISS index moved to the GPU when the stage resolved to
+  CUDA, with the CPU index (and a logged reason) when the move fails and the stage may fall back.
 * :func:`collect` — a Polars lazy query collected on Polars' GPU engine (``cudf-polars``), the
   same plan as on the CPU engine, with the CPU engine as fall-back.
 * :class:`TorchTreeModel` — a LightGBM model compiled to tensor operations by hummingbird-ml
@@ -30,7 +32,7 @@ import numpy as np
 
 from pipeline.errors import DeviceError
 
-__all__ = ["log_fallback", "collect", "TorchTreeModel", "tree_model_unsupported", "LIGHTGBM_ZERO"]
+__all__ = ["log_fallback", "index_on_device", "collect", "TorchTreeModel", "tree_model_unsupported", "LIGHTGBM_ZERO"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,28 @@ def log_fallback(owner: Any, reason: str, *, logger: logging.Logger = log) -> No
     if reason not in seen:
         seen.add(reason)
         logger.warning(reason)
+
+
+def index_on_device(stage: Any, index: Any) -> Any:
+    """``index`` (an :class:`indexes.FaissIndex`) for ``stage.device_``: moved to the GPU on CUDA.
+
+    When the move fails the search runs on the CPU (the stage's ``device_`` becomes ``"cpu"``,
+    the reason is logged) if the stage asked for ``"auto"``, or if faiss has GPU support but
+    this index cannot move (an index type faiss-gpu lacks, GPU memory); a stage that asked for
+    ``"cuda"`` on a faiss without GPU support fails with the install hint instead.
+    """
+    if stage.device_ != "cuda":
+        return index
+    from indexes.faiss_index import faiss_has_gpu
+
+    try:
+        return index.to_gpu()
+    except DeviceError as exc:
+        if stage.device != "auto" and not faiss_has_gpu():
+            raise
+        log_fallback(stage, f"stage '{stage.name}': {exc}; searching on the CPU")
+        stage.device_ = "cpu"
+        return index
 
 
 def _last_line(exc: BaseException) -> str:

@@ -13,12 +13,12 @@ from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file
 from pipeline.build import BuildContext
 from pipeline.columns import HISTORY, ITEM_ID, QUERY_ID, RANK, SCORE, SOURCE
 from pipeline.data import read_catalog
-from pipeline.errors import DeviceError
 from pipeline.schema import ANY
 from pipeline.stage import Pipeline, Stage, StageTags
 
 from .association import _is_int, _is_number, candidates_table, histories_to_matrix, lookup_positions, split_histories
 from .faiss import _item_texts
+from .gpu_util import index_on_device
 from .sentence_transformers import DEFAULT_MODEL, PRECISIONS, SentenceTransformerEncoder
 
 __all__ = ["UserVectorRecall", "ItemVectors"]
@@ -159,13 +159,7 @@ class UserVectorRecall(Stage):
         try:
             index = FaissIndex.load(self.resolve_path(self.index))
             self.vectors_ = ItemVectors.from_index(index)
-            if self.device_ == "cuda":
-                try:
-                    index = index.to_gpu()
-                except DeviceError:
-                    if self.device != "auto":
-                        raise
-                    self.device_ = "cpu"
+            index = index_on_device(self, index)
         except BaseException:
             self.device_ = None
             raise

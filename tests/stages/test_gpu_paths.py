@@ -23,7 +23,7 @@ from indexes.faiss_index import (GPU_MAX_K, FaissIndex, check_faiss_distribution
 from pipeline.errors import ConfigError, DeviceError
 from pipeline.registry import available_stages, get_stage_class
 from pipeline.testing import CHECKS, StageCase, assert_tables_close
-from stages.gpu_util import TorchTreeModel, collect, log_fallback, tree_model_unsupported
+from stages.gpu_util import TorchTreeModel, collect, index_on_device, log_fallback, tree_model_unsupported
 from stages.lightgbm import LightGBMRanker
 from stages.mmr import MMRDisplay, mmr_select
 from stages.rules import RuleFilter
@@ -162,6 +162,25 @@ def test_item_vectors_read_back_by_id():
         assert not vec[1].any()
     numeric = FaissIndex.build(x, pa.array(np.arange(500, dtype=np.int64)))
     assert numeric.positions_for(pa.array([7, 9], pa.int32())).tolist() == [7, 9]
+
+
+@pytest.mark.skipif(faiss_has_gpu(), reason="checks the path where faiss cannot move an index to a GPU")
+def test_index_on_device_falls_back_only_when_allowed(caplog):
+    from stages.faiss import FaissRecall
+
+    index = FaissIndex.build(_vectors(50), pa.array(np.arange(50, dtype=np.int64)))
+    stage = FaissRecall(device="auto")
+    stage.device_ = "cuda"  # as if CUDA were visible: faiss-cpu still cannot move the index
+    with caplog.at_level(logging.WARNING, logger="stages.gpu_util"):
+        assert index_on_device(stage, index) is index
+    assert stage.device_ == "cpu" and "searching on the CPU" in caplog.text
+    explicit = FaissRecall(device="cuda")
+    explicit.device_ = "cuda"
+    with pytest.raises(DeviceError, match="without GPU support"):
+        index_on_device(explicit, index)
+    cpu = FaissRecall(device="cpu")
+    cpu.device_ = "cpu"
+    assert index_on_device(cpu, index) is index
 
 
 # -- logging helper and Polars' GPU engine ---------------------------------------------------
