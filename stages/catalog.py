@@ -65,18 +65,17 @@ class CatalogLookup(Stage):
 
     def warm_up(self) -> None:
         super().warm_up()
-        if getattr(self, "items_", None) is not None:
+        if getattr(self, "attributes_", None) is not None:
             return
         folder = self.resolve_path(self.items)
         what = f"stage '{self.name}' items"
         manifest = read_manifest(folder, what=what)
         verify_files(folder, manifest, what=what)
         items = pq.read_table(folder / ITEMS_FILE, columns=[ITEM_ID, *self.columns]).combine_chunks()
-        self.items_ = pl.from_arrow(items)
         # rows of the snapshot by item id: a batch is looked up by one join on its ids, then Arrow
         # takes the attribute columns (the candidates' own columns never leave Arrow)
         self.attributes_ = items.drop_columns([ITEM_ID])
-        self.positions_ = self.items_.select(ITEM_ID).with_row_index(_POS)
+        self.positions_ = pl.from_arrow(items.select([ITEM_ID])).with_row_index(_POS)
 
     def _positions(self, table: pa.Table) -> pl.Series:
         """Per candidate row: its item's row in the snapshot (null when not there)."""

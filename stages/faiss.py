@@ -22,11 +22,6 @@ from .gpu_util import index_on_device
 __all__ = ["FaissRecall"]
 
 
-
-def _vector_params(encoder: Stage) -> dict:
-    """The encoder's parameters that decide the vectors (its build-key part)."""
-    return key_params(encoder)
-
 class FaissRecall(Stage):
     """Recall the ``k`` nearest items of each query embedding from a FAISS index.
 
@@ -141,7 +136,7 @@ class FaissRecall(Stage):
         folder = self.resolve_path(self.index)
         source = ctx.data_path("embeddings" if "embeddings" in ctx.config.data else "catalog")
         key = build_key(stage=self.name, factory=self.factory, metric=self.metric, item_text=list(self.item_text),
-                        encoder=_vector_params(encoder), source=sha256_file(source))
+                        encoder=key_params(encoder), source=sha256_file(source))
         if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what="index").get("build_key") == key:
             return f"{self.name}: up to date ({folder})"
         if "embeddings" in ctx.config.data:
