@@ -184,13 +184,12 @@ class SentenceTransformerEncoder(Stage):
         attention = "eager" if self.attention == "auto" and self.device_ == "cpu" else self.attention
         if attention != "auto":
             _set_attention(model, attention)
-        if self.compile:
-            _compile_transformers(model)
         self.model_ = model
         self.dim_ = int(model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension")
                         else model.get_sentence_embedding_dimension())
         if self.compile:  # compile now (warm_up is where heavy work belongs), and fail here if it cannot
             try:
+                _compile_transformers(model)
                 self.encode_texts(["warm up", "compile the encoder for every batch shape"])
             except Exception as exc:  # inductor raises many types (no C++ compiler, unsupported op ...)
                 self.model_ = None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -44,6 +47,8 @@ def test_bf16_matches_fp32(encoder):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler (g++/clang++), and none is on PATH")
 def test_compiled_encoder_gives_the_same_vectors(encoder):
     from torch._dynamo.utils import counters
 
@@ -55,6 +60,20 @@ def test_compiled_encoder_gives_the_same_vectors(encoder):
     for some in (texts[:2], texts[-1:]):  # other batch shapes, a batch of one included
         np.testing.assert_allclose(compiled.encode_texts(some), encoder.encode_texts(some), atol=1e-4)
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation
+
+
+def test_compile_that_fails_says_so_at_warm_up(monkeypatch):
+    import torch
+
+    def broken(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    stage = SentenceTransformerEncoder(compile=True)
+    with pytest.raises(ConfigError, match="parameter 'compile' is true but torch.compile failed.*No working C"):
+        stage.warm_up()
 
 
 def test_local_folder_is_accepted():
