@@ -58,6 +58,13 @@ def read_manifest(folder: str | Path, *, what: str) -> dict[str, Any]:
         raise ArtifactError(f"{what}: {path} is not valid JSON ({exc}); rebuild it with `funnel build`") from exc
 
 
+def read_verified_manifest(folder: str | Path, *, what: str) -> dict[str, Any]:
+    """:func:`read_manifest`, then :func:`verify_files`: the manifest of an artifact whose files are intact."""
+    manifest = read_manifest(folder, what=what)
+    verify_files(folder, manifest, what=what)
+    return manifest
+
+
 def verify_files(folder: str | Path, manifest: dict[str, Any], *, what: str) -> None:
     """Check every ``manifest["files"]`` entry's SHA-256 against the file on disk."""
     for name, digest in manifest.get("files", {}).items():

@@ -225,9 +225,9 @@ def _indexed_embeddings(folder: Path, index_of: dict) -> np.ndarray | None:
     import faiss
     import pyarrow.parquet as pq
 
-    from .artifacts import read_manifest, verify_files
+    from .artifacts import read_verified_manifest
 
-    verify_files(folder, read_manifest(folder, what="index"), what="index")
+    read_verified_manifest(folder, what="index")
     ids = pq.read_table(folder / "ids.parquet").column(ITEM_ID).to_pylist()
     if len(ids) != len(index_of) or any(i not in index_of for i in ids):
         return None

@@ -8,7 +8,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import build_key, read_manifest, sha256_file, verify_files, write_json_atomic
+from pipeline.artifacts import build_key, read_manifest, read_verified_manifest, sha256_file, write_json_atomic
 from pipeline.columns import ITEM_ID, QUERY_ID
 from pipeline.data import read_catalog
 from pipeline.schema import ANY
@@ -69,8 +69,7 @@ class CatalogLookup(Stage):
             return
         folder = self.resolve_path(self.items)
         what = f"stage '{self.name}' items"
-        manifest = read_manifest(folder, what=what)
-        verify_files(folder, manifest, what=what)
+        read_verified_manifest(folder, what=what)
         items = pq.read_table(folder / ITEMS_FILE, columns=[ITEM_ID, *self.columns]).combine_chunks()
         # rows of the snapshot by item id: a batch is looked up by one join on its ids, then Arrow
         # takes the attribute columns (the candidates' own columns never leave Arrow)

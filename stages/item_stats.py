@@ -10,7 +10,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import build_key, read_manifest, sha256_file, verify_files, write_json_atomic
+from pipeline.artifacts import build_key, read_manifest, read_verified_manifest, sha256_file, write_json_atomic
 from pipeline.build import run_batches, upstream_key
 from pipeline.columns import ITEM_ID, QUERY, QUERY_ID, RANK
 from pipeline.data import holdout_mask, read_catalog, read_parquet
@@ -145,8 +145,7 @@ class ItemStatsFeatures(Stage):
             return
         folder = self.resolve_path(self.stats)
         what = f"stage '{self.name}' stats"
-        manifest = read_manifest(folder, what=what)
-        verify_files(folder, manifest, what=what)
+        manifest = read_verified_manifest(folder, what=what)
         if manifest.get("features") != self.feature_names():
             raise ArtifactError(f"{what} in {folder} hold features {manifest.get('features')}, the parameters ask "
                                 f"for {self.feature_names()}; run `funnel build`")

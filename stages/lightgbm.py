@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import build_key, read_manifest, sha256_file, verify_files, write_json_atomic
+from pipeline.artifacts import build_key, read_manifest, read_verified_manifest, sha256_file, write_json_atomic
 from pipeline.build import BuildContext, find_upstream, run_batches, upstream_key
 from pipeline.columns import ITEM_ID, QUERY, QUERY_ID, RANK, RECALL_RANK, RECALL_SCORE, RELEVANCE, SCORE
 from pipeline.data import holdout_mask, read_judgments
@@ -169,8 +169,7 @@ class LightGBMRanker(Stage):
 
         folder = self.resolve_path(self.model)
         what = f"stage '{self.name}' model"
-        manifest = read_manifest(folder, what=what)
-        verify_files(folder, manifest, what=what)
+        manifest = read_verified_manifest(folder, what=what)
         try:
             booster = lgb.Booster(model_file=str(folder / MODEL_FILE))
         except lgb.basic.LightGBMError as exc:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.columns import QUERY, QUERY_EMBEDDING
-from pipeline.artifacts import MANIFEST, read_manifest, verify_files
+from pipeline.artifacts import MANIFEST, read_verified_manifest
 from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.schema import EMBEDDING
 from pipeline.stage import Stage, StageTags
@@ -167,7 +167,7 @@ class SentenceTransformerEncoder(Stage):
         path, local = resolve_model(self._model_path())
         if local and (Path(path) / MANIFEST).exists():
             what = f"stage '{self.name}' model {self.model!r}"
-            verify_files(path, read_manifest(path, what=what), what=what)
+            read_verified_manifest(path, what=what)
         try:
             if local:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
