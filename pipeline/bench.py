@@ -1034,7 +1034,6 @@ def _markdown(r: dict) -> str:
 def run_bench(config: str | Path, options: BenchOptions, *, echo: Callable[[str], None] = print) -> dict:
     """Benchmark the pipeline of ``config``; write ``report.json``, ``report.md`` and plots to
     ``options.out``; return the report."""
-    from .cli import _with_device
     from .config import load_config
     from .data import open_dataset, read_parquet
     from .schema import check_columns
@@ -1049,7 +1048,7 @@ def run_bench(config: str | Path, options: BenchOptions, *, echo: Callable[[str]
     if options.repeats < 1 or options.warmup < 0:
         raise ConfigError(f"bench needs repeats >= 1 and warmup >= 0; got {options.repeats} and {options.warmup}")
     cfg = load_config(config)
-    pipe = _with_device(_with_overrides(cfg.build(), options.overrides), options.device)
+    pipe = _with_overrides(cfg.build(), options.overrides).with_device(options.device)
     if options.top is not None:
         pipe = pipe.with_top(options.top)
     top = next((getattr(s, s.top_param) for s in reversed(pipe.stages) if s.top_param), 10)

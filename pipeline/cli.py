@@ -65,16 +65,6 @@ def main(ctx: click.Context, debug: bool) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _with_device(pipe, device: str | None):
-    from .stage import Pipeline
-
-    if device is None:
-        return pipe
-    stages = [s.clone(device=device) if "device" in s.get_params() and device in (("auto",) + s.tags.devices) else s
-              for s in pipe.stages]
-    return Pipeline(stages, inputs=pipe.inputs)
-
-
 VERSION_HELP = ("Artifact version: replaces {version} in the config's artifact paths (default: [pipeline] version). "
                 "Earlier versions stay on disk, so running with an older one rolls back.")
 
@@ -244,7 +234,7 @@ def run(config: Path, queries: Path, out: Path, top: int | None, device: str | N
     if engine == "local" and (address is not None or actors is not None):
         raise click.UsageError("--address and --actors need --engine ray")
     cfg = _load(config, version)
-    pipe = _with_device(cfg.build(), device)
+    pipe = cfg.build().with_device(device)
     if top is not None:
         pipe = pipe.with_top(top)
     if explain is not None:
@@ -274,7 +264,9 @@ def run(config: Path, queries: Path, out: Path, top: int | None, device: str | N
         click.echo(f"skipped {len(summary.bad_shards)} bad query shard(s), listed in {summary.quarantine}: "
                    + "; ".join(summary.bad_shards))
     if summary.stages:
-        click.echo(_stage_table(summary.stages))
+        from .stage import stage_table
+
+        click.echo(stage_table(summary.stages))
 
 
 def _with_explain(pipe, n: int):
@@ -532,23 +524,6 @@ def config_check(path: Path) -> None:
     from .config import PipelineConfig, load_config
 
     click.echo(PipelineConfig.normalised(load_config(path)).to_toml(), nl=False)
-
-
-def _stage_table(stats, recall: dict[int, float] | None = None) -> str:
-    """Per-stage rows in/out and latency (and recall of relevant items, when given)."""
-    import statistics
-
-    head = f"{'step':<4} {'stage':<30} {'rows in':>9} {'rows out':>9} {'p50 ms/batch':>13} {'total s':>8}"
-    if recall is not None:
-        head += f" {'recall':>7}"
-    lines = [head, "-" * len(head)]
-    for i, s in enumerate(stats):
-        p50 = statistics.median(s.seconds) * 1000 if s.seconds else 0.0
-        line = f"{i + 1:<4} {s.name:<30} {s.rows_in:>9} {s.rows_out:>9} {p50:>13.2f} {s.total_seconds:>8.2f}"
-        if recall is not None:
-            line += f" {recall[i]:>7.3f}" if i in recall else f" {'':>7}"
-        lines.append(line)
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

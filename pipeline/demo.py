@@ -44,7 +44,7 @@ def run_demo(workdir: Path, *, n_items: int = 3000, n_queries: int = 400, seed: 
              progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Generate data, write ``pipeline.toml``, build, run on the held-out queries, evaluate."""
     from .build import build_artifacts
-    from .cli import _stage_table, _with_device
+    from .stage import stage_table
     from .config import load_config
     from .data import read_parquet
     from .demo_data import generate_demo_data
@@ -75,11 +75,11 @@ def run_demo(workdir: Path, *, n_items: int = 3000, n_queries: int = 400, seed: 
             found[step] = found.get(step, 0) + relevant.join(got.unique(), on=[QUERY_ID, ITEM_ID]).height
 
     echo(f"[3/4] running on the {judged.column(QUERY_ID).unique().__len__()} held-out queries")
-    pipe = _with_device(load_config(config_path).build(), device)
+    pipe = load_config(config_path).build().with_device(device)
     out = workdir / "out" / "candidates.parquet"
     summary = run_to_parquet(pipe, queries, out, batch_size=64, progress=progress, observer=observe, overwrite=True)
     recall = {step: n / max(relevant.height, 1) for step, n in found.items()}
-    echo(_stage_table(summary.stages, recall))
+    echo(stage_table(summary.stages, recall))
     echo(f"      recall = share of the {relevant.height} relevant judged (query, item) pairs still present after each stage")
 
     echo("[4/4] evaluating the shown top-10 against the held-out judgments")

@@ -260,6 +260,23 @@ class StageStats:
         return float(sum(self.seconds))
 
 
+def stage_table(stats: Sequence[StageStats], recall: dict[int, float] | None = None) -> str:
+    """Per-stage rows in/out and latency (and recall of relevant items, when given), as text."""
+    import statistics
+
+    head = f"{'step':<4} {'stage':<30} {'rows in':>9} {'rows out':>9} {'p50 ms/batch':>13} {'total s':>8}"
+    if recall is not None:
+        head += f" {'recall':>7}"
+    lines = [head, "-" * len(head)]
+    for i, s in enumerate(stats):
+        p50 = statistics.median(s.seconds) * 1000 if s.seconds else 0.0
+        line = f"{i + 1:<4} {s.name:<30} {s.rows_in:>9} {s.rows_out:>9} {p50:>13.2f} {s.total_seconds:>8.2f}"
+        if recall is not None:
+            line += f" {recall[i]:>7.3f}" if i in recall else f" {'':>7}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 QUARANTINE_SCHEMA = pa.schema([pa.field("query_id", pa.string()), pa.field("item_id", pa.string()),
                                pa.field("stage", pa.string()), pa.field("reason", pa.string())])
 
@@ -404,6 +421,18 @@ class Pipeline:
                 stages[i] = stages[i].clone(**{stages[i].top_param: n})
                 return Pipeline(stages, inputs=self.inputs)
         raise ConfigError("--top needs a display stage (one with a top-N parameter) in the pipeline")
+
+    def with_device(self, device: str | None) -> "Pipeline":
+        """A copy whose stages run on ``device`` (``cpu``, ``cuda`` or ``auto``); ``None`` keeps them.
+
+        Only stages that have a ``device`` parameter and list that device in their tags (or are
+        asked for ``auto``) change; the others keep running where they ran.
+        """
+        if device is None:
+            return self
+        stages = [s.clone(device=device) if "device" in s.get_params() and device in (("auto",) + s.tags.devices) else s
+                  for s in self.stages]
+        return Pipeline(stages, inputs=self.inputs)
 
     def stage_names(self) -> Iterable[str]:
         return (s.name for s in self.stages)
