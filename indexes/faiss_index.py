@@ -161,6 +161,7 @@ class FaissIndex:
         self._gpu_resources = None
         self._gpu_device = None
         self._gpu_kind = None
+        self._torch = None
         self.ids = ids
         self._factory = factory
         self._metric = metric
@@ -338,9 +339,56 @@ class FaissIndex:
         new._gpu_kind = _gpu_kind(gpu_index)
         return new
 
+    def to_torch(self, device: str = "cuda", *, storage: str = "fp16", **options: Any) -> "FaissIndex":
+        """A copy whose searches run on torch on ``device`` (:class:`indexes.torch_search.TorchSearch`).
+
+        For a GPU on which faiss cannot search — faiss-cpu installed, as on CUDA 13 where no
+        faiss GPU wheel exists, or an index type faiss-gpu lacks. The vectors are read back from
+        this index (:meth:`vectors`) and stored on ``device`` as ``storage`` (``"fp32"``,
+        ``"fp16"``, ``"bf16"``, ``"int8"``), candidates re-scored in fp32. An IVF index keeps its
+        partition (its centroids and lists, searched with ``nprobe`` as faiss does); any other
+        index is searched exactly — for HNSW that is at least as good as the graph's answer, and
+        ``ef_search`` has nothing to tune. A compressed index (PQ, SQ) is searched over its
+        decoded vectors, which is what faiss' own distances are computed on. ``options`` go to
+        :class:`~indexes.torch_search.TorchSearch` (``chunk_size``, ``oversample``, ...).
+
+        Raises :class:`DeviceError` when the index cannot give its vectors back.
+        """
+        from .torch_search import TorchSearch
+
+        try:
+            vectors = self.vectors(np.arange(self.ntotal))
+        except ArtifactError as exc:
+            raise DeviceError(f"{exc}; torch cannot search it") from exc
+        lists = centroids = nprobe = None
+        ivf = faiss.try_extract_index_ivf(self._cpu_index)
+        if ivf is not None:
+            lists, centroids = _ivf_partition(ivf)
+            nprobe = int(ivf.nprobe)
+        try:
+            search = TorchSearch(vectors, metric=self._metric, device=device, storage=storage, lists=lists,
+                                 centroids=centroids, **options)
+        except (RuntimeError, ValueError) as exc:  # torch: no such device, out of memory
+            raise DeviceError(f"{WHAT} at {self.location} cannot be placed on {device} with torch "
+                              f"({_reason(exc)}); use device='cpu'") from exc
+        new = FaissIndex(
+            self._cpu_index, self.ids, factory=self._factory, metric=self._metric,
+            normalize=self.normalize, encoder=self._encoder, location=self.location,
+        )
+        new._torch, new._torch_nprobe = search, nprobe
+        return new
+
     @property
     def on_gpu(self) -> bool:
-        return self._gpu_resources is not None
+        """True when searches run on a GPU (a faiss-gpu clone, or torch on a CUDA device)."""
+        return self._gpu_resources is not None or (self._torch is not None and self._torch.device.type == "cuda")
+
+    @property
+    def backend(self) -> str:
+        """What answers :meth:`search`: ``"faiss-cpu"``, ``"faiss-gpu"`` or ``"torch-<device>"``."""
+        if self._torch is not None:
+            return f"torch-{self._torch.device.type}"
+        return "faiss-gpu" if self._gpu_resources is not None else "faiss-cpu"
 
     # -- searching ----------------------------------------------------------------------------
 
@@ -365,6 +413,8 @@ class FaissIndex:
         accepts ``params=``, for the whole process.
         """
         k = int(k)
+        if self._torch is not None:
+            return self._search_torch(queries, k, nprobe, ef_search)
         if _is_tensor(queries):
             return self._search_tensor(queries, k, nprobe, ef_search)
         q = _as_matrix(queries, "queries")
@@ -381,7 +431,7 @@ class FaissIndex:
     def _placement(self, k: int, nprobe: int | None, ef_search: int | None):
         """``(index, search parameters)``: the GPU copy when it can run the search, else the CPU index."""
         cpu_params = self._search_params(nprobe, ef_search)
-        if not self.on_gpu:
+        if self._gpu_resources is None:
             return self._cpu_index, cpu_params
         reason = gpu_search_fallback(k, nprobe=nprobe, ef_search=ef_search, gpu_kind=self._gpu_kind)
         if reason is not None:
@@ -431,6 +481,31 @@ class FaissIndex:
         if on_gpu:
             torch.cuda.synchronize(device)
         return scores.cpu().numpy(), positions.cpu().numpy()
+
+    def _search_torch(self, queries: Any, k: int, nprobe: int | None,
+                      ef_search: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` on the :class:`~indexes.torch_search.TorchSearch` copy."""
+        self._search_params(nprobe, ef_search)  # the same parameter checks as on faiss
+        if ef_search is not None and "ef_search" not in self.__dict__.setdefault("_gpu_fallbacks", set()):
+            self._gpu_fallbacks.add("ef_search")
+            log.warning("%s at %s: ef_search=%s is ignored: torch searches every vector exactly", WHAT,
+                        self.location, ef_search)
+        if _is_tensor(queries):
+            import torch
+
+            q = queries.detach().to(self._torch.device, torch.float32)
+            if q.ndim != 2:
+                raise DataError(f"queries must be a 2-d tensor (rows, dimension); got shape {tuple(q.shape)}")
+            if self.normalize:
+                q = torch.nn.functional.normalize(q, dim=1)
+        else:
+            q = _as_matrix(queries, "queries")
+            if self.normalize:
+                q = q.copy()
+                faiss.normalize_L2(q)
+        if q.shape[1] != self.dim:
+            raise DataError(f"{WHAT} at {self.location} has dimension {self.dim}; the queries have {q.shape[1]}")
+        return self._torch.search(q, k, nprobe=nprobe if nprobe is not None else self._torch_nprobe)
 
     def _search_params(self, nprobe: int | None, ef_search: int | None):
         if nprobe is None and ef_search is None:
@@ -516,8 +591,22 @@ class FaissIndex:
         return self.ntotal
 
     def __repr__(self) -> str:
-        gpu = f", gpu {self._gpu_kind}" if self.on_gpu else ""
+        gpu = f", gpu {self._gpu_kind}" if self._gpu_resources is not None else ""
+        gpu += f", {self._torch!r}" if self._torch is not None else ""
         return f"FaissIndex({self._factory!r}, metric={self._metric!r}, dim={self.dim}, ntotal={self.ntotal}{gpu})"
+
+
+def _ivf_partition(ivf: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(list id per vector position, centroids)`` of a faiss IVF index."""
+    lists = np.full(ivf.ntotal, -1, np.int64)
+    invlists = ivf.invlists
+    for list_no in range(ivf.nlist):
+        size = invlists.list_size(list_no)
+        if size:
+            lists[faiss.rev_swig_ptr(invlists.get_ids(list_no), size).astype(np.int64)] = list_no
+    if (lists < 0).any():
+        raise DeviceError(f"{WHAT}: the IVF lists do not cover every vector (ids were remapped); torch cannot search it")
+    return lists, ivf.quantizer.reconstruct_n(0, ivf.nlist)
 
 
 def _build_cagra(x: np.ndarray, factory: str, metric: str) -> faiss.Index:

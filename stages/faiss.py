@@ -17,7 +17,7 @@ from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.schema import ANY, EMBEDDING
 from pipeline.stage import Pipeline, Stage, StageTags
 
-from .gpu_util import index_on_device
+from .gpu_util import SEARCH_BACKENDS, SEARCH_STORAGES, index_on_device
 
 __all__ = ["FaissRecall"]
 
@@ -49,12 +49,17 @@ class FaissRecall(Stage):
         metric: ``"ip"`` (cosine on normalised embeddings) or ``"l2"``, used by ``funnel build``.
         item_text: catalog columns joined (space-separated, nulls skipped) into the text that
             ``funnel build`` encodes for each item, with the pipeline's own encoder.
-        device: ``"cpu"``, ``"cuda"`` (needs faiss-gpu) or ``"auto"`` (cuda when both torch
-            sees a GPU and faiss can use it). On ``"cuda"`` the index is cloned to the GPU in
-            ``warm_up()``; an index type faiss-gpu cannot hold, and a search beyond its limits
-            (``k`` or ``nprobe`` above 2048, see :func:`indexes.faiss_index.gpu_search_fallback`),
-            run on the CPU index instead, with a logged warning. ``"cuda"`` with a faiss that
-            has no GPU support is an error.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda when torch sees a GPU). On
+            ``"cuda"`` the index is placed in ``warm_up()`` as ``search_backend`` says.
+        search_backend: ``"auto"`` (on CUDA: faiss-gpu when the installed faiss has GPU support,
+            else torch on the GPU; faiss on a CPU), ``"faiss"`` or ``"torch"`` (also on a CPU).
+            A faiss-gpu clone searches beyond its limits (``k`` or ``nprobe`` above 2048, see
+            :func:`indexes.faiss_index.gpu_search_fallback`) on the CPU index, with a logged
+            warning; torch search has no such limits (:meth:`indexes.FaissIndex.to_torch`).
+            ``"faiss"`` with ``device="cuda"`` on a faiss without GPU support is an error.
+        search_storage: type of the vectors torch searches: ``"auto"`` (fp16 on CUDA, fp32 on a
+            CPU), ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"``; candidates from a
+            low-precision scan are re-scored in fp32, so scores are fp32 inner products.
     """
 
     name = "recall.faiss"
@@ -65,6 +70,7 @@ class FaissRecall(Stage):
     drops = (QUERY_EMBEDDING,)
     tags = StageTags(devices=("cpu", "cuda"), requires_build=True, level="query")
     path_params = ("index",)
+    same_results_params = ("search_backend", "search_storage")
 
     def __init__(
         self,
@@ -79,6 +85,8 @@ class FaissRecall(Stage):
         metric: str = "ip",
         item_text: list[str] | tuple[str, ...] = ("title",),
         device: str = "auto",
+        search_backend: str = "auto",
+        search_storage: str = "auto",
     ):
         self.index = index
         self.k = k
@@ -91,9 +99,12 @@ class FaissRecall(Stage):
         self.metric = metric
         self.item_text = item_text
         self.device = device
+        self.search_backend = search_backend
+        self.search_storage = search_storage
 
     def validate_params(self) -> None:
         super().validate_params()
+        validate_search_params(self)
         if not _is_int(self.k) or self.k < 1:
             raise self._bad_param("k", "an int >= 1")
         for param in ("nprobe", "ef_search"):
@@ -257,6 +268,14 @@ class FaissRecall(Stage):
             raise DataError(f"{where} has NaN or infinite values for query {table.column(QUERY_ID)[row].as_py()!r}; "
                             "fix the embeddings, or run without --strict to quarantine such rows")
         return matrix
+
+
+def validate_search_params(stage: Stage) -> None:
+    """Check ``search_backend`` and ``search_storage`` (shared by the recall stages that search an index)."""
+    if stage.search_backend not in SEARCH_BACKENDS:
+        raise stage._bad_param("search_backend", f"one of {SEARCH_BACKENDS}")
+    if stage.search_storage not in SEARCH_STORAGES:
+        raise stage._bad_param("search_storage", f"one of {SEARCH_STORAGES}")
 
 
 def _is_int(value: object) -> bool:

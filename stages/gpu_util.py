@@ -8,8 +8,10 @@ Every stage with a ``device`` parameter keeps its CPU and CUDA code in one class
   reproduce exactly) runs that piece of work on the CPU instead and says so once, through
   Python's :mod:`logging` (WARNING, one message per stage and reason), never silently and never
   by failing a batch that the CPU can answer.
-* :func:`index_on_device` — a loaded FAISS index moved to the GPU when the stage resolved to
-  CUDA, with the CPU index (and a logged reason) when the move fails and the stage may fall back.
+* :func:`index_on_device` — a loaded FAISS index placed where the stage searches: cloned to the
+  GPU by faiss-gpu where that is installed, else searched with torch on the GPU
+  (:class:`indexes.torch_search.TorchSearch`), so ``device="cuda"`` never fails for lack of a
+  faiss GPU wheel; :func:`search_plan` is the decision, apart so it can be tested anywhere.
 * :func:`collect` — a Polars lazy query collected on Polars' GPU engine (``cudf-polars``), the
   same plan as on the CPU engine, with the CPU engine as fall-back.
 * :class:`TorchTreeModel` — a LightGBM model compiled to tensor operations by hummingbird-ml
@@ -32,10 +34,16 @@ import numpy as np
 
 from pipeline.errors import DeviceError
 
-__all__ = ["log_fallback", "index_on_device", "collect", "TorchTreeModel", "tree_model_unsupported", "LIGHTGBM_ZERO"]
+__all__ = ["log_fallback", "index_on_device", "search_plan", "SEARCH_BACKENDS", "SEARCH_STORAGES", "collect", "TorchTreeModel", "tree_model_unsupported", "LIGHTGBM_ZERO"]
 
 log = logging.getLogger(__name__)
 
+#: values of a recall stage's ``search_backend`` parameter
+SEARCH_BACKENDS = ("auto", "faiss", "torch")
+#: values of a recall stage's ``search_storage`` parameter (vectors' type for torch search)
+SEARCH_STORAGES = ("auto", "fp32", "fp16", "bf16", "int8")
+#: ``search_storage="auto"``: half precision on a GPU (then re-scored in fp32), fp32 on a CPU
+AUTO_STORAGE = {"cuda": "fp16", "cpu": "fp32"}
 #: LightGBM's kZeroThreshold (the float 1e-35f, as a double): at prediction it reads any |x| <= this as 0
 LIGHTGBM_ZERO = float(np.float32(1e-35))
 #: objectives whose predictions are the raw sum of the trees (no sigmoid, exp or softmax)
@@ -51,26 +59,64 @@ def log_fallback(owner: Any, reason: str, *, logger: logging.Logger = log) -> No
         logger.warning(reason)
 
 
-def index_on_device(stage: Any, index: Any) -> Any:
-    """``index`` (an :class:`indexes.FaissIndex`) for ``stage.device_``: moved to the GPU on CUDA.
+def search_plan(device: str, backend: str, faiss_gpu: bool) -> str:
+    """What searches a recall stage's index: ``"faiss"`` (the CPU index as loaded),
+    ``"faiss-gpu"`` (a faiss-gpu clone) or ``"torch"`` (:meth:`indexes.FaissIndex.to_torch`).
 
-    When the move fails the search runs on the CPU (the stage's ``device_`` becomes ``"cpu"``,
-    the reason is logged) if the stage asked for ``"auto"``, or if faiss has GPU support but
-    this index cannot move (an index type faiss-gpu lacks, GPU memory); a stage that asked for
-    ``"cuda"`` on a faiss without GPU support fails with the install hint instead.
+    ``device`` is the stage's resolved device, ``backend`` its ``search_backend`` parameter:
+    ``"torch"`` always searches with torch (on the CPU too: the CI parity test of the GPU path),
+    ``"faiss"`` always with faiss, and ``"auto"`` with faiss on a CPU, faiss-gpu on CUDA where
+    the installed faiss has GPU support, else torch on CUDA.
     """
-    if stage.device_ != "cuda":
-        return index
+    if backend == "torch":
+        return "torch"
+    if device != "cuda":
+        return "faiss"
+    return "faiss-gpu" if backend == "faiss" or faiss_gpu else "torch"
+
+
+def index_on_device(stage: Any, index: Any) -> Any:
+    """``index`` (an :class:`indexes.FaissIndex`) placed as :func:`search_plan` says for ``stage``.
+
+    ``stage`` has ``device`` (requested), ``device_`` (resolved), ``search_backend`` and
+    ``search_storage``. Fall-backs, each logged once: a faiss-gpu clone that fails (an index
+    type faiss-gpu lacks, GPU memory) is replaced by torch on the GPU when the backend is
+    ``"auto"``; with ``search_backend="faiss"`` it is replaced by the CPU index when the stage
+    asked for ``"auto"`` or faiss has GPU support, and a stage that asked for ``"cuda"`` on a
+    faiss without GPU support fails with the install hint. Torch search on CUDA that cannot
+    hold the index (it gives no vectors back, GPU memory) falls back to the CPU index unless
+    ``search_backend="torch"`` asked for it, which fails.
+    """
     from indexes.faiss_index import faiss_has_gpu
 
+    backend = getattr(stage, "search_backend", "auto")
+    plan = search_plan(stage.device_, backend, faiss_has_gpu())
+    if plan == "faiss":
+        return index
+    if plan == "faiss-gpu":
+        try:
+            return index.to_gpu()
+        except DeviceError as exc:
+            if backend == "faiss":
+                if stage.device != "auto" and not faiss_has_gpu():
+                    raise
+                log_fallback(stage, f"stage '{stage.name}': {exc}; searching on the CPU")
+                stage.device_ = "cpu"
+                return index
+            log_fallback(stage, f"stage '{stage.name}': {exc}; searching with torch on the GPU instead")
+    storage = getattr(stage, "search_storage", "auto")
+    storage = AUTO_STORAGE[stage.device_] if storage == "auto" else storage
     try:
-        return index.to_gpu()
+        placed = index.to_torch(stage.device_, storage=storage)
     except DeviceError as exc:
-        if stage.device != "auto" and not faiss_has_gpu():
+        if backend == "torch":
             raise
-        log_fallback(stage, f"stage '{stage.name}': {exc}; searching on the CPU")
+        log_fallback(stage, f"stage '{stage.name}': {exc}; searching with faiss on the CPU")
         stage.device_ = "cpu"
         return index
+    log.info("stage '%s': %d vectors searched with torch on %s (%s storage%s)", stage.name, index.ntotal,
+             stage.device_, storage, "" if storage == "fp32" else ", candidates re-scored in fp32")
+    return placed
 
 
 def _last_line(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from pipeline.schema import ANY
 from pipeline.stage import Pipeline, Stage, StageTags
 
 from .association import _is_int, _is_number, candidates_table, histories_to_matrix, lookup_positions, split_histories
-from .faiss import _item_texts
+from .faiss import _item_texts, validate_search_params
 from .gpu_util import index_on_device
 from .sentence_transformers import DEFAULT_MODEL, PRECISIONS, SentenceTransformerEncoder
 
@@ -80,7 +80,10 @@ class UserVectorRecall(Stage):
         batch_size: texts per encoder batch (build).
         max_seq_length: encoder truncation in tokens (build); ``None`` keeps the model's.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA) for the encoder (build).
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (encoder at build, FAISS search at run).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (encoder at build, search at run).
+        search_backend: ``"auto"``, ``"faiss"`` or ``"torch"``; as for ``recall.faiss``.
+        search_storage: ``"auto"``, ``"fp32"``, ``"fp16"``, ``"bf16"`` or ``"int8"``; as for
+            ``recall.faiss``.
     """
 
     name = "recall.user_vector"
@@ -89,12 +92,13 @@ class UserVectorRecall(Stage):
                                pa.field(SOURCE, pa.string())])
     tags = StageTags(devices=("cpu", "cuda"), requires_build=True, level="query")
     path_params = ("index",)
+    same_results_params = ("search_backend", "search_storage")
 
     def __init__(self, index: str = "artifacts/content", k: int = 100, history_column: str = HISTORY,
                  recency: float = 0.7, exclude_history: bool = True, source: str = "content",
                  model: str = DEFAULT_MODEL, item_text: list[str] | tuple[str, ...] = ("title",), factory: str = "Flat",
                  batch_size: int = 64, max_seq_length: int | None = None, precision: str = "fp32",
-                 device: str = "auto"):
+                 device: str = "auto", search_backend: str = "auto", search_storage: str = "auto"):
         self.index = index
         self.k = k
         self.history_column = history_column
@@ -108,12 +112,15 @@ class UserVectorRecall(Stage):
         self.max_seq_length = max_seq_length
         self.precision = precision
         self.device = device
+        self.search_backend = search_backend
+        self.search_storage = search_storage
 
     def required_columns(self) -> pa.Schema:
         return pa.schema([pa.field(QUERY_ID, ANY), pa.field(self.history_column, pa.list_(ANY))])
 
     def validate_params(self) -> None:
         super().validate_params()
+        validate_search_params(self)
         if not _is_int(self.k) or self.k < 1:
             raise self._bad_param("k", "an int >= 1")
         if not _is_number(self.recency) or not 0 < self.recency <= 1:
