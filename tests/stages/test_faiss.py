@@ -183,3 +183,30 @@ def test_cuda_matches_cpu(ivf_dir):
     gpu = stage(q)
     assert stage.device_ in ("cpu", "cuda")
     assert gpu.column("item_id").equals(cpu.column("item_id"))
+
+
+@pytest.mark.parametrize("storage", ["auto", "bf16", "int8"])
+@pytest.mark.parametrize("index_dir, nprobe", [("flat_dir", None), ("ivf_dir", 4)])
+def test_torch_search_backend_returns_the_faiss_table(request, index_dir, nprobe, storage):
+    """The torch search that recall uses on a GPU without faiss-gpu, forced onto the CPU."""
+    from pipeline.testing import assert_parity
+
+    folder = request.getfixturevalue(index_dir)
+    q = queries(clustered(30, seed=5))
+    ref = FaissRecall(index=str(folder), k=25, nprobe=nprobe, device="cpu")(q)
+    stage = FaissRecall(index=str(folder), k=25, nprobe=nprobe, device="cpu", search_backend="torch",
+                        search_storage=storage)
+    got = stage(q)
+    assert stage.index_.backend == "torch-cpu"
+    assert got.column_names == ref.column_names and got.schema == ref.schema
+    assert_parity(ref, got, atol=1e-5)
+    assert got.column("rank").equals(ref.column("rank"))
+
+
+def test_search_params_are_checked_and_round_trip(flat_dir):
+    stage = FaissRecall(index=str(flat_dir), search_backend="torch", search_storage="int8")
+    assert stage.clone().get_params()["search_storage"] == "int8"
+    with pytest.raises(ConfigError, match=r"'search_backend' .* one of \('auto', 'faiss', 'torch'\)"):
+        FaissRecall(index=str(flat_dir), search_backend="cupy").warm_up()
+    with pytest.raises(ConfigError, match="'search_storage'.*'fp8'"):
+        FaissRecall(index=str(flat_dir), search_storage="fp8").warm_up()

@@ -62,8 +62,8 @@ def test_faiss_hnsw_moves_to_gpu_or_recall_falls_back(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         gpu = FaissRecall(index=str(tmp_path / "hnsw"), k=20, ef_search=128, device="cuda")
         gpu.warm_up()
-    if gpu.device_ == "cpu":
-        assert "searching on the CPU" in caplog.text
+    if gpu.index_.backend == "torch-cuda":  # faiss-gpu without a GPU HNSW index: torch searches exactly
+        assert "searching with torch on the GPU instead" in caplog.text
     else:
         assert gpu.index_._gpu_kind == "hnsw"
     assert_parity(FaissRecall(index=str(tmp_path / "hnsw"), k=20, ef_search=128, device="cpu")(queries),
@@ -117,6 +117,40 @@ def test_faiss_recall_parity_on_an_ivf_index(tmp_path):
     queries = pa.table({"query_id": [f"q{i}" for i in range(40)],
                         "query_embedding": pa.array(_clustered(40, seed=4).tolist(), pa.list_(pa.float32()))})
     check_cpu_gpu_parity(StageCase(FaissRecall(index=str(tmp_path / "ivf"), k=30, nprobe=16), queries))
+
+
+# -- torch search on the GPU (faiss without GPU support, or search_backend="torch") -----------
+
+
+@pytest.mark.parametrize("factory, nprobe", [("Flat", None), ("IVF64,Flat", 8), ("HNSW32", None)])
+@pytest.mark.parametrize("storage", ["auto", "bf16", "int8"])
+def test_recall_on_cuda_with_torch_search(tmp_path, factory, nprobe, storage):
+    """`--device cuda` with faiss-cpu (CUDA 13) searches with torch; search_backend="torch" forces it anywhere."""
+    from stages.faiss import FaissRecall
+
+    FaissIndex.build(_clustered(5000), pa.array([f"i{i}" for i in range(5000)]), factory=factory).save(tmp_path / "ix")
+    queries = pa.table({"query_id": [f"q{i}" for i in range(50)],
+                        "query_embedding": pa.array(_clustered(50, seed=4).tolist(), pa.list_(pa.float32()))})
+    backend = "auto" if not faiss_has_gpu() else "torch"
+    gpu = FaissRecall(index=str(tmp_path / "ix"), k=40, nprobe=nprobe, device="cuda", search_backend=backend,
+                      search_storage=storage)
+    gpu.warm_up()
+    assert gpu.device_ == "cuda" and gpu.index_.backend == "torch-cuda"
+    cpu = FaissRecall(index=str(tmp_path / "ix"), k=40, nprobe=nprobe, device="cpu")
+    if factory.startswith("HNSW"):  # torch is exact, the graph approximate: compare with exact search
+        FaissIndex.build(_clustered(5000), pa.array([f"i{i}" for i in range(5000)])).save(tmp_path / "flat")
+        cpu = FaissRecall(index=str(tmp_path / "flat"), k=40, device="cpu")
+    assert_parity(cpu(queries), gpu(queries), atol=1e-4)
+
+
+def test_recall_on_cuda_never_fails_for_lack_of_faiss_gpu(demo_shop, demo_queries):
+    from stages.faiss import FaissRecall
+
+    stage = FaissRecall(index=str(demo_shop / "artifacts" / "index"), k=100, device="cuda")
+    stage.warm_up()
+    assert stage.device_ == "cuda" and stage.index_.backend in ("faiss-gpu", "torch-cuda")
+    if not faiss_has_gpu():
+        assert stage.index_.backend == "torch-cuda"
 
 
 # -- the demo pipeline's stages with a CUDA path ---------------------------------------------

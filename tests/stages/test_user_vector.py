@@ -87,3 +87,14 @@ def test_bad_params():
 def test_conformance(folder, check):
     batch = users([("a", ["lip1", "lip2"]), ("b", ["hair3"]), ("c", ["eye1", "nail2", "eye3"]), ("d", ["zzz"])])
     CHECKS[check](StageCase(recall(folder, k=3).clone(device="auto"), batch))
+
+
+def test_torch_search_backend_gives_the_faiss_rows(folder):
+    from pipeline.testing import assert_parity
+
+    batch = users([("u1", ["lip1", "nail2"]), ("u2", ["hair3"]), ("u3", ["eye1", "eye2", "lip3"])])
+    ref = recall(folder, k=5)(batch)
+    stage = recall(folder, k=5, search_backend="torch", search_storage="bf16")
+    got = stage(batch)
+    assert stage.index_.backend == "torch-cpu"
+    assert_parity(ref, got, atol=1e-5)
