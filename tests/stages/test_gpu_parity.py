@@ -143,7 +143,7 @@ def test_recall_on_cuda_with_torch_search(tmp_path, factory, nprobe, storage):
     assert_parity(cpu(queries), gpu(queries), atol=1e-4)
 
 
-def test_recall_on_cuda_never_fails_for_lack_of_faiss_gpu(demo_shop, demo_queries):
+def test_recall_on_cuda_never_fails_for_lack_of_faiss_gpu(demo_shop):
     from stages.faiss import FaissRecall
 
     stage = FaissRecall(index=str(demo_shop / "artifacts" / "index"), k=100, device="cuda")
