@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -77,6 +79,46 @@ def length_batches(lengths: np.ndarray, batch_size: int, call_cost: float = CALL
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+#: Batches tokenised ahead of the GPU by the encoder's background thread (CUDA path).
+PREFETCH_DEPTH = 2
+
+
+def sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Positions of ``lengths`` sorted by length, longest first, cut into batches of ``batch_size``.
+
+    The CUDA path's batching: on a GPU one call costs about as much as thousands of tokens, so
+    full batches win over the padding-optimal cuts of :func:`length_batches` (and cutting them
+    would take longer than encoding). Longest first, like ``SentenceTransformer.encode``, so an
+    out-of-memory error comes with the first batch.
+    """
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def prefetch(fn, items, depth: int = PREFETCH_DEPTH):
+    """Yield ``fn(item)`` for each of ``items``, in order, computed up to ``depth`` items ahead
+    in one background thread.
+
+    The encoder's CUDA path tokenises (and pins) the next batches here while the GPU runs the
+    current one: Hugging Face's fast tokenizers release the GIL, so the two overlap. An
+    exception of ``fn`` is raised where its result would have been yielded; closing the
+    generator early cancels what was not started.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="funnel-prefetch")
+    try:
+        it = iter(items)
+        pending = collections.deque(pool.submit(fn, item) for item in itertools.islice(it, depth))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(it, 1):
+                pending.append(pool.submit(fn, item))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _compile_transformers(model) -> None:
     """``torch.compile`` the forward of every Hugging Face model inside ``model``: dynamic shapes,
     and frozen weights (inference only: inductor folds them into the graph and pre-packs them
@@ -97,10 +139,10 @@ class SentenceTransformerEncoder(Stage):
     package; any Hugging Face name or local folder (a fine-tuned model) works. A relative folder
     is looked up next to the config file first (``model = "artifacts/encoder/v1"``, written by
     ``funnel train encoder``); a folder with a ``manifest.json`` has its files' SHA-256 checked
-    before loading. ``precision`` ``"bf16"`` on CPU stores the whole model in bf16 (on a CPU with
+    before loading. ``precision`` ``"bf16"`` stores the whole model in bf16 (on a CPU with
     AVX512-BF16 or AMX the matrix products run at twice the fp32 rate, and no per-call casts are
-    left; embeddings stay at cosine >= 0.9999 to fp32 on MiniLM); on CUDA ``"bf16"`` and
-    ``"fp16"`` run under autocast. ``"fp16"`` needs CUDA. Embeddings are float32
+    left; embeddings stay at cosine >= 0.9999 to fp32 on MiniLM); ``"fp16"`` (CUDA only) in
+    fp16: half-precision weights converted once in ``warm_up``, not autocast per call. Embeddings are float32
     ``fixed_size_list`` columns, L2-normalised when ``normalize``. ``compile = true`` runs the
     transformer through ``torch.compile`` (dynamic shapes, so one compilation serves every batch
     shape, and frozen weights): 20-30% faster on CPU for MiniLM, at the price of 20-40 s at
@@ -114,6 +156,13 @@ class SentenceTransformerEncoder(Stage):
     its per-row bookkeeping). ``attention`` picks the transformer's attention kernel:
     ``"auto"`` is ``"eager"`` on CPU, where for texts of a few dozen tokens it is faster than
     PyTorch's fused SDPA kernel (measured on MiniLM: 10-15%), and the model's own choice on CUDA.
+
+    On CUDA the loop is arranged for the GPU (:meth:`_encode_overlapped`): texts sorted by
+    length and cut into full batches (:func:`sorted_batches`), the next batches tokenised in a
+    background thread while the GPU encodes (:func:`prefetch`), token tensors pinned and copied
+    with ``non_blocking``, and the embeddings kept on the GPU until one copy at the end — no
+    synchronisation per batch. Its speed against ``SentenceTransformer.encode`` has not been
+    measured yet (docs/gpu.md); the CPU path is unchanged.
     """
 
     name = "encode.sentence_transformers"
@@ -177,10 +226,10 @@ class SentenceTransformerEncoder(Stage):
         if self.max_seq_length is not None:
             model.max_seq_length = self.max_seq_length
         model.eval()
-        if self.precision == "bf16" and self.device_ == "cpu":
+        if self.precision != "fp32":  # weights converted once: no autocast, no per-call casts
             import torch
 
-            model.to(torch.bfloat16)
+            model.to(torch.bfloat16 if self.precision == "bf16" else torch.float16)
         attention = "eager" if self.attention == "auto" and self.device_ == "cpu" else self.attention
         if attention != "auto":
             _set_attention(model, attention)
@@ -204,42 +253,78 @@ class SentenceTransformerEncoder(Stage):
                     return str(local)
         return self.model
 
-    def _autocast(self):
-        import torch
-
-        if self.precision == "fp32" or self.device_ == "cpu":  # bf16 on CPU: the weights are bf16
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device_, dtype=dtype)
-
     def encode_texts(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
         """``(len(texts), dim)`` float32 embeddings; used by the stage and by index builds."""
         if not self.is_warm or getattr(self, "model_", None) is None:
             self.warm_up()
         if len(texts) == 0:
             return np.zeros((0, self.dim_), dtype=np.float32)
+        texts = list(texts)
+        if self.device_ == "cuda":
+            return self._encode_overlapped(texts, sorted_batches(np.fromiter(map(len, texts), np.int64, len(texts)),
+                                                                 self.batch_size), progress=progress)
         import torch
         from sentence_transformers.util import batch_to_device
         from tqdm.auto import tqdm
 
-        model, texts = self.model_, list(texts)
-        prompt = model.prompts.get(model.default_prompt_name) if getattr(model, "default_prompt_name", None) else None
+        model = self.model_
         out = np.empty((len(texts), self.dim_), dtype=np.float32)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             for rows in tqdm(length_batches(self._token_counts(texts), self.batch_size), desc="Batches",
                              disable=not progress):
-                batch = [texts[i] for i in rows]
-                if self.compile and len(batch) == 1:  # torch.compile specialises size 1: reuse the dynamic graph
-                    batch = batch * 2
-                features = model.preprocess(batch, prompt=prompt) if hasattr(model, "preprocess") else \
-                    model.tokenize([prompt + t for t in batch] if prompt else batch)  # sentence-transformers < 6
-                emb = model(batch_to_device(features, model.device))["sentence_embedding"].float()
-                if getattr(model, "truncate_dim", None):
-                    emb = emb[:, :model.truncate_dim]
-                if self.normalize:
-                    emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+                emb = self._embed(batch_to_device(self._features(texts, rows), model.device))
                 out[rows] = emb[:len(rows)].cpu().numpy()
         return out
+
+    def _features(self, texts: list[str], rows: np.ndarray) -> dict:
+        """The model's input tensors for ``texts[rows]`` (tokenised, padded to the longest)."""
+        model = self.model_
+        batch = [texts[i] for i in rows]
+        if self.compile and len(batch) == 1:  # torch.compile specialises size 1: reuse the dynamic graph
+            batch = batch * 2
+        prompt = model.prompts.get(model.default_prompt_name) if getattr(model, "default_prompt_name", None) else None
+        if hasattr(model, "preprocess"):
+            return model.preprocess(batch, prompt=prompt)
+        return model.tokenize([prompt + t for t in batch] if prompt else batch)  # sentence-transformers < 6
+
+    def _embed(self, features: dict):
+        """Float32 sentence embeddings (truncated, normalised) of features already on the device."""
+        import torch
+
+        model = self.model_
+        emb = model(features)["sentence_embedding"].float()
+        if getattr(model, "truncate_dim", None):
+            emb = emb[:, :model.truncate_dim]
+        if self.normalize:
+            emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+        return emb
+
+    def _encode_overlapped(self, texts: list[str], batches: list[np.ndarray], *, progress: bool = False) -> np.ndarray:
+        """:meth:`encode_texts` for a GPU: tokenisation of the next batches in a background
+        thread (:func:`prefetch`), pinned host tensors copied ``non_blocking``, embeddings
+        written into one device tensor and copied to the host once. Runs on a CPU too (no
+        pinning there): the tests check it gives the vectors of the CPU loop."""
+        import torch
+        from tqdm.auto import tqdm
+
+        device = self.model_.device
+        pin = device.type == "cuda"
+
+        def prepare(rows):
+            features = self._features(texts, rows)
+            if pin:
+                features = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+            return rows, features
+
+        out = torch.empty((len(texts), self.dim_), dtype=torch.float32, device=device)
+        with torch.inference_mode(), tqdm(total=len(batches), desc="Batches", disable=not progress) as bar:
+            for rows, features in prefetch(prepare, batches):
+                features = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                            for k, v in features.items()}
+                emb = self._embed(features)[:len(rows)]
+                out.index_copy_(0, torch.from_numpy(rows).to(device, non_blocking=True), emb)
+                bar.update()
+        return out.cpu().numpy()
 
     def _token_counts(self, texts: list[str]) -> np.ndarray:
         """Tokens per text (characters when the model has no text tokenizer)."""

@@ -172,6 +172,20 @@ def test_encoder_parity_and_half_precision(demo_pipeline, demo_queries):
         assert cos.min() > min_cos, f"{precision}: min cosine {cos.min()}"
 
 
+def test_encoder_cuda_path_has_half_precision_weights_and_overlapped_loop(demo_queries):
+    import torch
+
+    from stages.sentence_transformers import SentenceTransformerEncoder
+
+    texts = demo_queries.column("query").to_pylist() * 20
+    ref = SentenceTransformerEncoder(device="cpu").encode_texts(texts)
+    enc = SentenceTransformerEncoder(device="cuda", precision="fp16", batch_size=1024)
+    got = enc.encode_texts(texts)
+    assert next(enc.model_.parameters()).dtype == torch.float16
+    cos = (got * ref).sum(axis=1)
+    assert cos.min() >= 0.999, f"min cosine {cos.min()}"
+
+
 def test_rule_filter_gpu_engine_gives_identical_rows(demo_pipeline, stage_inputs, caplog):
     from stages.rules import RuleFilter
 

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline import ArtifactError, ConfigError, DataError
-from stages.sentence_transformers import SentenceTransformerEncoder, length_batches, resolve_model
+from stages.sentence_transformers import (SentenceTransformerEncoder, length_batches, prefetch, resolve_model,
+                                          sorted_batches)
 
 TEXTS = ["cordless drill 18v lithium", "60-watt equivalent LED light bulb", "3/4 in. copper pipe fitting",
          "white vinyl fence post cap", "outdoor garden hose 50 ft"]
@@ -149,3 +150,45 @@ def test_length_batches_are_the_cheapest_cuts():
                    for k in range(n) for cut in itertools.combinations(range(1, n), k)
                    if all(b - a <= batch_size for a, b in zip((0,) + cut, cut + (n,))))
         assert _padded_cost(lengths, batches, call_cost) == best
+
+
+def test_overlapped_loop_of_the_cuda_path_gives_the_cpu_vectors(encoder):
+    """The GPU loop (prefetching tokeniser thread, one device tensor, one copy back) run on the CPU."""
+    texts = TEXTS * 3 + ["a", "drill"]
+    batches = sorted_batches(np.fromiter(map(len, texts), np.int64), 4)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(texts))) and len(batches[-1]) == 1
+    got = encoder._encode_overlapped(texts, batches)
+    np.testing.assert_allclose(got, encoder.encode_texts(texts), atol=1e-5)
+
+
+def test_sorted_batches_are_full_and_longest_first():
+    batches = sorted_batches(np.array([3, 9, 1, 9, 4]), 2)
+    assert [b.tolist() for b in batches] == [[1, 3], [4, 0], [2]]
+    assert sorted_batches(np.array([], dtype=int), 2) == []
+
+
+def test_prefetch_keeps_order_runs_ahead_and_reraises():
+    import threading
+
+    seen = []
+
+    def work(i):
+        seen.append((i, threading.current_thread().name))
+        return i * i
+
+    assert list(prefetch(work, range(7), depth=3)) == [i * i for i in range(7)]
+    assert all(name.startswith("funnel-prefetch") for _, name in seen)
+
+    def fails(i):
+        if i == 2:
+            raise ValueError("bad batch 2")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch 2"):
+        for value in prefetch(fails, range(5)):
+            got.append(value)
+    assert got == [0, 1]
+    stream = prefetch(lambda i: i, range(100), depth=2)
+    assert next(stream) == 0
+    stream.close()  # cancels what was not started, without hanging
