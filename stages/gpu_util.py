@@ -12,6 +12,9 @@ Every stage with a ``device`` parameter keeps its CPU and CUDA code in one class
   GPU by faiss-gpu where that is installed, else searched with torch on the GPU
   (:class:`indexes.torch_search.TorchSearch`), so ``device="cuda"`` never fails for lack of a
   faiss GPU wheel; :func:`search_plan` is the decision, apart so it can be tested anywhere.
+* :func:`gpu_pays_off` — on ``device="auto"`` a batch goes to the GPU only from a crossover
+  size (:data:`RANKER_GPU_MIN_ROWS`, :data:`FILTER_GPU_MIN_ROWS`); below it, copying to the GPU
+  and launching kernels costs more than the CPU needs for the whole batch.
 * :func:`collect` — a Polars lazy query collected on Polars' GPU engine (``cudf-polars``), the
   same plan as on the CPU engine, with the CPU engine as fall-back.
 * :class:`TorchTreeModel` — a LightGBM model compiled to tensor operations by hummingbird-ml
@@ -34,7 +37,8 @@ import numpy as np
 
 from pipeline.errors import DeviceError
 
-__all__ = ["log_fallback", "index_on_device", "search_plan", "SEARCH_BACKENDS", "SEARCH_STORAGES", "collect", "TorchTreeModel", "tree_model_unsupported", "LIGHTGBM_ZERO"]
+__all__ = ["log_fallback", "index_on_device", "search_plan", "gpu_pays_off", "RANKER_GPU_MIN_ROWS",
+           "FILTER_GPU_MIN_ROWS", "SEARCH_BACKENDS", "SEARCH_STORAGES", "collect", "TorchTreeModel", "tree_model_unsupported", "LIGHTGBM_ZERO"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,18 @@ SEARCH_BACKENDS = ("auto", "faiss", "torch")
 SEARCH_STORAGES = ("auto", "fp32", "fp16", "bf16", "int8")
 #: ``search_storage="auto"``: half precision on a GPU (then re-scored in fp32), fp32 on a CPU
 AUTO_STORAGE = {"cuda": "fp16", "cpu": "fp32"}
+#: ``rank.lightgbm`` on ``device="auto"`` scores a batch with hummingbird-ml on the GPU only from
+#: this many rows; smaller batches go to LightGBM on the CPU. Issue 14 (one H200, torch 2.11,
+#: 16 CPU threads): at the demo's batch hummingbird scored 671k rows/s, native LightGBM 928k
+#: rows/s, so the GPU lost there; the crossover itself was not measured. 262,144 is the batch at
+#: which the issue asks the GPU path to be 5x native — a placeholder until
+#: ``benchmarks/gpu_crossover.py`` measures it on the target GPU (docs/gpu.md).
+RANKER_GPU_MIN_ROWS = 262_144
+#: ``filter.rules`` on ``device="auto"`` collects on Polars' GPU engine only from this many rows.
+#: Not measured (cudf-polars was not installed on the issue-14 machine); Polars' CPU engine
+#: filters millions of rows in milliseconds, so the copy to the GPU pays off only for large
+#: batches. Re-measure with ``benchmarks/gpu_crossover.py``.
+FILTER_GPU_MIN_ROWS = 1_000_000
 #: LightGBM's kZeroThreshold (the float 1e-35f, as a double): at prediction it reads any |x| <= this as 0
 LIGHTGBM_ZERO = float(np.float32(1e-35))
 #: objectives whose predictions are the raw sum of the trees (no sigmoid, exp or softmax)
@@ -117,6 +133,16 @@ def index_on_device(stage: Any, index: Any) -> Any:
     log.info("stage '%s': %d vectors searched with torch on %s (%s storage%s)", stage.name, index.ntotal,
              stage.device_, storage, "" if storage == "fp32" else ", candidates re-scored in fp32")
     return placed
+
+
+def gpu_pays_off(requested: str, rows: int, min_rows: int) -> bool:
+    """Whether a batch of ``rows`` runs on the GPU path of a stage resolved to CUDA.
+
+    ``requested`` is the stage's ``device`` parameter: an explicit ``"cuda"`` always uses the
+    GPU (the user asked for it; parity tests rely on it); ``"auto"`` only from ``min_rows`` rows,
+    the measured (or placeholder) crossover of that stage.
+    """
+    return requested != "auto" or rows >= min_rows
 
 
 def _last_line(exc: BaseException) -> str:

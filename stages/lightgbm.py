@@ -17,7 +17,7 @@ from pipeline.schema import ANY, keep_input_types
 from pipeline.stage import Pipeline, Stage, StageTags
 
 from .features import FEATURE_PREFIX
-from .gpu_util import TorchTreeModel, log_fallback, tree_model_unsupported
+from .gpu_util import RANKER_GPU_MIN_ROWS, TorchTreeModel, gpu_pays_off, log_fallback, tree_model_unsupported
 
 __all__ = ["LightGBMRanker", "rerank", "EXPLANATION", "EXPLANATION_TYPE", "REST"]
 
@@ -81,7 +81,9 @@ class LightGBMRanker(Stage):
     the GPU, in float64, equal to LightGBM's own scores to rounding. A model hummingbird-ml
     cannot reproduce exactly (categorical splits, ...) and a batch with NaN features that the
     model routes by a learned default are scored by LightGBM on the CPU, with a logged warning;
-    ``explain`` always runs on LightGBM. ``train_device`` is separate: the device LightGBM
+    ``explain`` always runs on LightGBM. On ``device="auto"`` only batches of at least
+    :data:`stages.gpu_util.RANKER_GPU_MIN_ROWS` rows go to the GPU: below that native LightGBM
+    on the CPU is faster (issue 14's measurement; re-measure per GPU). ``train_device`` is separate: the device LightGBM
     *trains* on in ``funnel build`` — ``"gpu"`` is its OpenCL learner (in the pip wheel; needs
     an OpenCL driver: NVIDIA's, or pocl on a CPU), ``"cuda"`` its CUDA learner (needs LightGBM
     built from source with CUDA). A GPU-trained model is close to, not identical with, a
@@ -202,7 +204,7 @@ class LightGBMRanker(Stage):
         scores = None
         if table.num_rows == 0:
             scores = np.zeros(0, np.float32)
-        elif self.trees_ is not None:
+        elif self.trees_ is not None and gpu_pays_off(self.device, table.num_rows, RANKER_GPU_MIN_ROWS):
             scores = self.trees_.predict(self.feature_matrix(table))
             if scores is None:
                 log_fallback(self, f"stage '{self.name}': a batch has NaN features, which the model routes by "

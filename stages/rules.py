@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.schema import ANY, take_rows
 from pipeline.stage import Stage, StageTags
 
-from .gpu_util import collect
+from .gpu_util import FILTER_GPU_MIN_ROWS, collect, gpu_pays_off
 
 __all__ = ["RuleFilter", "OPS"]
 
@@ -175,7 +175,8 @@ class RuleFilter(Stage):
             or ``"auto"``. On CUDA the same Polars query runs on Polars' GPU engine
             (``cudf-polars``, ``pip install 'funnel-rank[gpu-filter]'``) with identical results;
             where that engine is missing or does not implement a rule's expression, the CPU
-            engine runs it and a warning is logged once.
+            engine runs it and a warning is logged once. ``"auto"`` sends only batches of at
+            least :data:`stages.gpu_util.FILTER_GPU_MIN_ROWS` rows to the GPU engine.
 
     The output has exactly the input's columns and types, with some rows removed.
     """
@@ -343,7 +344,8 @@ class RuleFilter(Stage):
                 query = (query.sort(self.order_by, nulls_last=True, maintain_order=True)
                          .unique([self.group_by, self.dedupe_by], keep="first", maintain_order=True)
                          .sort(row))
-            kept = collect(query.select(row), device=self.device_, owner=self, what=f"stage '{self.name}'")[row]
+            device = self.device_ if gpu_pays_off(self.device, table.num_rows, FILTER_GPU_MIN_ROWS) else "cpu"
+            kept = collect(query.select(row), device=device, owner=self, what=f"stage '{self.name}'")[row]
         except pl.exceptions.PolarsError as exc:
             raise DataError(f"stage '{self.name}': the rules could not be applied to this batch: {exc}") from exc
         if len(kept) == table.num_rows:

@@ -526,3 +526,61 @@ def test_mmr_display_with_index_vectors_diversifies(demo_shop, stage_inputs):
 
 def test_faiss_has_gpu_matches_the_installed_wheel():
     assert faiss_has_gpu() == any(n.startswith("faiss-gpu") for n in installed_faiss_distributions())
+
+
+# -- GPU only where it wins: the crossover of device="auto" ----------------------------------
+
+
+@pytest.mark.parametrize("requested, rows, gpu", [("auto", 10, False), ("auto", 100, True), ("auto", 99, False),
+                                                  ("cuda", 1, True), ("cpu", 1, True)])
+def test_gpu_pays_off_from_the_crossover_on_auto_only(requested, rows, gpu):
+    from stages.gpu_util import gpu_pays_off
+
+    assert gpu_pays_off(requested, rows, 100) is gpu
+
+
+@needs_hummingbird
+def test_ranker_on_auto_scores_small_batches_with_lightgbm(demo_pipeline, stage_inputs, monkeypatch):
+    import stages.lightgbm as lgbm_stage
+
+    step = [s.name for s in demo_pipeline].index("rank.lightgbm")
+    ranker, table = demo_pipeline.stages[step], stage_inputs[step]
+    stage = ranker.clone(device="auto")
+    stage.warm_up()
+    calls = []
+
+    class Spy:
+        def predict(self, X):
+            calls.append(len(X))
+            return TorchTreeModel(stage.booster_, "cpu").predict(X)
+
+    stage.trees_ = Spy()  # what warm_up() builds when "auto" resolves to CUDA
+    want = ranker.clone(device="cpu")(table)
+    assert_tables_close(stage(table), want, rtol=0, atol=1e-6)
+    assert calls == []  # below RANKER_GPU_MIN_ROWS: LightGBM on the CPU
+    monkeypatch.setattr(lgbm_stage, "RANKER_GPU_MIN_ROWS", table.num_rows)
+    assert_tables_close(stage(table), want, rtol=0, atol=1e-6)
+    assert calls == [table.num_rows]
+
+
+def test_rule_filter_on_auto_collects_small_batches_on_the_cpu_engine(demo_pipeline, stage_inputs, monkeypatch):
+    import stages.rules as rules_stage
+
+    step = [s.name for s in demo_pipeline].index("filter.rules")
+    rules = demo_pipeline.stages[step].get_params()["rules"]
+    engines = []
+    real = rules_stage.collect
+
+    def spy(lazy, *, device, owner, what):
+        engines.append(device)
+        return real(lazy, device="cpu", owner=owner, what=what)
+
+    monkeypatch.setattr(rules_stage, "collect", spy)
+    stage = RuleFilter(rules=rules, device="auto")
+    stage.warm_up()
+    stage.device_ = "cuda"  # as if "auto" had found a GPU
+    batch = stage_inputs[step]
+    stage(batch)
+    monkeypatch.setattr(rules_stage, "FILTER_GPU_MIN_ROWS", batch.num_rows)
+    stage(batch)
+    assert engines == ["cpu", "cuda"]
