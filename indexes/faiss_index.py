@@ -379,6 +379,16 @@ class FaissIndex:
         return new
 
     @property
+    def torch_gives_same_hits(self) -> bool:
+        """Whether :meth:`to_torch` answers as this index does on the CPU (up to rounding and ties).
+
+        True for Flat, IVF (the same lists probed) and compressed (PQ, SQ: the same decoded
+        vectors) indexes; false where an HNSW graph approximates — the index itself or an IVF
+        coarse quantizer — since torch searches exactly.
+        """
+        return not (self._hnsw or self._hnsw_quantizer)
+
+    @property
     def on_gpu(self) -> bool:
         """True when searches run on a GPU (a faiss-gpu clone, or torch on a CUDA device)."""
         return self._gpu_resources is not None or (self._torch is not None and self._torch.device.type == "cuda")

@@ -95,13 +95,16 @@ def index_on_device(stage: Any, index: Any) -> Any:
     """``index`` (an :class:`indexes.FaissIndex`) placed as :func:`search_plan` says for ``stage``.
 
     ``stage`` has ``device`` (requested), ``device_`` (resolved), ``search_backend`` and
-    ``search_storage``. Fall-backs, each logged once: a faiss-gpu clone that fails (an index
-    type faiss-gpu lacks, GPU memory) is replaced by torch on the GPU when the backend is
-    ``"auto"``; with ``search_backend="faiss"`` it is replaced by the CPU index when the stage
-    asked for ``"auto"`` or faiss has GPU support, and a stage that asked for ``"cuda"`` on a
-    faiss without GPU support fails with the install hint. Torch search on CUDA that cannot
-    hold the index (it gives no vectors back, GPU memory) falls back to the CPU index unless
-    ``search_backend="torch"`` asked for it, which fails.
+    ``search_storage``. On ``"auto"`` the GPU must give the CPU's hits (up to rounding and
+    ties: the conformance kit's ``cpu_gpu_parity``), so an index whose CPU search goes through
+    an HNSW graph, which torch cannot reproduce (it searches exactly), stays on the CPU unless
+    ``search_backend="torch"`` asks for exact search. Fall-backs, each logged once: a faiss-gpu
+    clone that fails (an index type faiss-gpu lacks, GPU memory) is replaced by torch on the
+    GPU when the backend is ``"auto"`` and torch gives the same hits, else by the CPU index —
+    except that ``search_backend="faiss"`` with ``device="cuda"`` on a faiss without GPU
+    support fails with the install hint. Torch search that cannot hold the index (it gives no
+    vectors back, GPU memory) falls back to the CPU index unless ``search_backend="torch"``
+    asked for it, which fails.
     """
     from indexes.faiss_index import faiss_has_gpu
 
@@ -113,13 +116,19 @@ def index_on_device(stage: Any, index: Any) -> Any:
         try:
             return index.to_gpu()
         except DeviceError as exc:
-            if backend == "faiss":
-                if stage.device != "auto" and not faiss_has_gpu():
-                    raise
+            if backend == "faiss" and stage.device != "auto" and not faiss_has_gpu():
+                raise
+            if backend == "faiss" or not index.torch_gives_same_hits:
                 log_fallback(stage, f"stage '{stage.name}': {exc}; searching on the CPU")
                 stage.device_ = "cpu"
                 return index
             log_fallback(stage, f"stage '{stage.name}': {exc}; searching with torch on the GPU instead")
+    elif backend == "auto" and not index.torch_gives_same_hits:
+        log_fallback(stage, f"stage '{stage.name}': faiss has no GPU support, and torch would search the "
+                            f"{index.factory!r} index exactly, not through its graph as on the CPU; searching on "
+                            "the CPU (search_backend='torch' searches exactly on the GPU)")
+        stage.device_ = "cpu"
+        return index
     storage = getattr(stage, "search_storage", "auto")
     storage = AUTO_STORAGE[stage.device_] if storage == "auto" else storage
     try:

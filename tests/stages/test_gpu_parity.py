@@ -62,8 +62,8 @@ def test_faiss_hnsw_moves_to_gpu_or_recall_falls_back(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         gpu = FaissRecall(index=str(tmp_path / "hnsw"), k=20, ef_search=128, device="cuda")
         gpu.warm_up()
-    if gpu.index_.backend == "torch-cuda":  # faiss-gpu without a GPU HNSW index: torch searches exactly
-        assert "searching with torch on the GPU instead" in caplog.text
+    if gpu.device_ == "cpu":  # no GPU HNSW in this faiss; torch would not give the graph's hits
+        assert "searching on the CPU" in caplog.text
     else:
         assert gpu.index_._gpu_kind == "hnsw"
     assert_parity(FaissRecall(index=str(tmp_path / "hnsw"), k=20, ef_search=128, device="cpu")(queries),
@@ -131,7 +131,7 @@ def test_recall_on_cuda_with_torch_search(tmp_path, factory, nprobe, storage):
     FaissIndex.build(_clustered(5000), pa.array([f"i{i}" for i in range(5000)]), factory=factory).save(tmp_path / "ix")
     queries = pa.table({"query_id": [f"q{i}" for i in range(50)],
                         "query_embedding": pa.array(_clustered(50, seed=4).tolist(), pa.list_(pa.float32()))})
-    backend = "auto" if not faiss_has_gpu() else "torch"
+    backend = "auto" if not faiss_has_gpu() and factory != "HNSW32" else "torch"
     gpu = FaissRecall(index=str(tmp_path / "ix"), k=40, nprobe=nprobe, device="cuda", search_backend=backend,
                       search_storage=storage)
     gpu.warm_up()
@@ -143,14 +143,21 @@ def test_recall_on_cuda_with_torch_search(tmp_path, factory, nprobe, storage):
     assert_parity(cpu(queries), gpu(queries), atol=1e-4)
 
 
-def test_recall_on_cuda_never_fails_for_lack_of_faiss_gpu(demo_shop):
+def test_recall_on_cuda_never_fails_for_lack_of_faiss_gpu(tmp_path, demo_shop):
+    """The demo's HNSW index: on the CPU with faiss-cpu (torch would not give the graph's hits),
+    on the GPU with search_backend="torch"; a Flat index: torch on the GPU."""
     from stages.faiss import FaissRecall
 
-    stage = FaissRecall(index=str(demo_shop / "artifacts" / "index"), k=100, device="cuda")
-    stage.warm_up()
-    assert stage.device_ == "cuda" and stage.index_.backend in ("faiss-gpu", "torch-cuda")
-    if not faiss_has_gpu():
-        assert stage.index_.backend == "torch-cuda"
+    hnsw = FaissRecall(index=str(demo_shop / "artifacts" / "index"), k=100, device="cuda")
+    hnsw.warm_up()
+    assert hnsw.index_.backend in ("faiss-gpu", "faiss-cpu")
+    exact = hnsw.clone(search_backend="torch")
+    exact.warm_up()
+    assert exact.device_ == "cuda" and exact.index_.backend == "torch-cuda"
+    FaissIndex.build(_clustered(2000), pa.array(np.arange(2000))).save(tmp_path / "flat")
+    flat = FaissRecall(index=str(tmp_path / "flat"), k=100, device="cuda")
+    flat.warm_up()
+    assert flat.device_ == "cuda" and flat.index_.backend in ("faiss-gpu", "torch-cuda")
 
 
 # -- the demo pipeline's stages with a CUDA path ---------------------------------------------

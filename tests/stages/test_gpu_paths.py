@@ -584,3 +584,21 @@ def test_rule_filter_on_auto_collects_small_batches_on_the_cpu_engine(demo_pipel
     monkeypatch.setattr(rules_stage, "FILTER_GPU_MIN_ROWS", batch.num_rows)
     stage(batch)
     assert engines == ["cpu", "cuda"]
+
+
+@pytest.mark.skipif(faiss_has_gpu(), reason="checks the path where faiss has no GPU support")
+def test_hnsw_index_stays_on_the_cpu_unless_torch_is_asked_for(caplog):
+    """Torch searches exactly; an HNSW graph on the CPU does not, so on "auto" the GPU would
+    not give the CPU's hits (cpu_gpu_parity) and the graph is searched on the CPU, logged."""
+    from stages.faiss import FaissRecall
+
+    hnsw = FaissIndex.build(_vectors(400), pa.array(np.arange(400)), factory="HNSW16")
+    assert not hnsw.torch_gives_same_hits and FaissIndex.build(_vectors(400), pa.array(np.arange(400))).torch_gives_same_hits
+    stage = FaissRecall(device="cuda")
+    stage.device_ = "cuda"  # as if CUDA were visible
+    with caplog.at_level(logging.WARNING, logger="stages.gpu_util"):
+        assert index_on_device(stage, hnsw) is hnsw
+    assert stage.device_ == "cpu" and "would search the 'HNSW16' index exactly" in caplog.text
+    forced = FaissRecall(device="cpu", search_backend="torch")
+    forced.device_ = "cpu"
+    assert index_on_device(forced, hnsw).backend == "torch-cpu"
