@@ -114,7 +114,9 @@ def index_on_device(stage: Any, index: Any) -> Any:
         return index
     if plan == "faiss-gpu":
         try:
-            return index.to_gpu()
+            placed = index.to_gpu()
+            log.info("stage '%s': %d vectors searched by faiss-gpu (%s)", stage.name, index.ntotal, index.factory)
+            return placed
         except DeviceError as exc:
             if backend == "faiss" and stage.device != "auto" and not faiss_has_gpu():
                 raise
@@ -135,7 +137,7 @@ def index_on_device(stage: Any, index: Any) -> Any:
         placed = index.to_torch(stage.device_, storage=storage)
     except DeviceError as exc:
         if backend == "torch":
-            raise
+            raise DeviceError(f"stage '{stage.name}': {exc}") from exc
         log_fallback(stage, f"stage '{stage.name}': {exc}; searching with faiss on the CPU")
         stage.device_ = "cpu"
         return index
