@@ -615,7 +615,8 @@ def _ivf_partition(ivf: Any) -> tuple[np.ndarray, np.ndarray]:
         if size:
             lists[faiss.rev_swig_ptr(invlists.get_ids(list_no), size).astype(np.int64)] = list_no
     if (lists < 0).any():
-        raise DeviceError(f"{WHAT}: the IVF lists do not cover every vector (ids were remapped); torch cannot search it")
+        raise DeviceError(f"{WHAT}: the IVF lists do not cover every vector (ids were remapped); "
+                          "torch cannot search it")
     return lists, ivf.quantizer.reconstruct_n(0, ivf.nlist)
 
 

@@ -38,7 +38,8 @@ import numpy as np
 from pipeline.errors import DeviceError
 
 __all__ = ["log_fallback", "index_on_device", "search_plan", "gpu_pays_off", "RANKER_GPU_MIN_ROWS",
-           "FILTER_GPU_MIN_ROWS", "SEARCH_BACKENDS", "SEARCH_STORAGES", "collect", "TorchTreeModel", "tree_model_unsupported", "LIGHTGBM_ZERO"]
+           "FILTER_GPU_MIN_ROWS", "SEARCH_BACKENDS", "SEARCH_STORAGES", "collect", "TorchTreeModel",
+           "tree_model_unsupported", "LIGHTGBM_ZERO"]
 
 log = logging.getLogger(__name__)
 
