@@ -52,7 +52,9 @@ class FaissRecall(Stage):
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda when torch sees a GPU). On
             ``"cuda"`` the index is placed in ``warm_up()`` as ``search_backend`` says.
         search_backend: ``"auto"`` (on CUDA: faiss-gpu when the installed faiss has GPU support,
-            else torch on the GPU; faiss on a CPU), ``"faiss"`` or ``"torch"`` (also on a CPU).
+            else torch on the GPU where it gives the CPU's hits — not for an HNSW graph, which
+            stays on the CPU; faiss on a CPU), ``"faiss"`` or ``"torch"`` (exact search on the
+            GPU for any index; on a CPU too). See :func:`stages.gpu_util.index_on_device`.
             A faiss-gpu clone searches beyond its limits (``k`` or ``nprobe`` above 2048, see
             :func:`indexes.faiss_index.gpu_search_fallback`) on the CPU index, with a logged
             warning; torch search has no such limits (:meth:`indexes.FaissIndex.to_torch`).
@@ -70,7 +72,7 @@ class FaissRecall(Stage):
     drops = (QUERY_EMBEDDING,)
     tags = StageTags(devices=("cpu", "cuda"), requires_build=True, level="query")
     path_params = ("index",)
-    same_results_params = ("search_backend", "search_storage")
+    same_results_params = ("search_storage",)
 
     def __init__(
         self,

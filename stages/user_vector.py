@@ -92,7 +92,7 @@ class UserVectorRecall(Stage):
                                pa.field(SOURCE, pa.string())])
     tags = StageTags(devices=("cpu", "cuda"), requires_build=True, level="query")
     path_params = ("index",)
-    same_results_params = ("search_backend", "search_storage")
+    same_results_params = ("search_storage",)
 
     def __init__(self, index: str = "artifacts/content", k: int = 100, history_column: str = HISTORY,
                  recency: float = 0.7, exclude_history: bool = True, source: str = "content",
