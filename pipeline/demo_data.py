@@ -348,9 +348,11 @@ def generate_demo_data(folder: Path, *, n_items: int = 3000, n_queries: int = 40
     j_query, j_item, j_rel = [], [], []
     for qi, intent in enumerate(intents):
         grades = _grade(intent, items)
+        # within a grade, popular items are more likely judged: raters grade what the engine showed
+        shown = items["popularity"]
         best = np.flatnonzero(grades == grades.max())
-        anchor = int(rng.choice(best))
-        p = _GRADE_WEIGHT[grades] / np.bincount(grades, minlength=10)[grades]
+        anchor = int(rng.choice(best, p=shown[best] / shown[best].sum()))
+        p = _GRADE_WEIGHT[grades] * shown / np.bincount(grades, weights=shown, minlength=10)[grades]
         p[anchor] = 0.0
         n_judged = min(int(rng.integers(5, 11)), n_items)
         others = rng.choice(n_items, n_judged - 1, replace=False, p=p / p.sum())
