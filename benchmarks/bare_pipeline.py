@@ -95,6 +95,8 @@ def _feature(name: str, p: dict) -> pl.Expr:
         "brand_match": lambda: _mentions(p.get("brand_column", "brand"), q),
         "color_match": lambda: _mentions(p.get("color_column", "color"), q),
         "material_match": lambda: _mentions(p.get("material_column", "material"), q),
+        "popularity": lambda: pl.col(p.get("popularity_column", "popularity")).cast(pl.Float64).fill_null(0.0)
+        .clip(0.0).log1p(),
     }
     if name not in exprs:
         raise Unsupported(f"feature {name!r}")

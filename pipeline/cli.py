@@ -287,29 +287,56 @@ def _with_explain(pipe, n: int):
               help="Parquet with query_id, item_id (or product_id), relevance.")
 @click.option("--k", "ks", multiple=True, type=click.IntRange(min=1), default=(10, 100), show_default=True,
               help="Cut-offs (repeatable).")
-@click.option("--relevant-threshold", default=2.67, show_default=True,
-              help="Relevance at or above which a judged item counts as relevant (recall, MRR, MAP).")
-@click.option("--gain-offset", default=1.0, show_default=True, help="NDCG gain = relevance - offset.")
+@click.option("--relevant-threshold", type=float,
+              help="Relevance at or above which a judged item counts as relevant (recall, MRR, MAP). "
+                   "Default: from the label scale: 1 for 0/1 and 0-based grades, 2.67 for 1-3 grades.")
+@click.option("--gain-offset", type=float,
+              help="NDCG gain = relevance - offset. Default: from the label scale: 0 for 0/1 and 0-based "
+                   "grades, 1 for 1-3 grades.")
+@click.option("--all-judged", is_flag=True,
+              help="Average over every judged query, a judged query missing from the run scoring 0 "
+                   "(default: over the judged queries the run covers).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the metrics as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar (--funnel).")
 def eval_(run_path: Path | None, funnel_config: Path | None, queries: Path | None, judgments: Path,
-          ks: tuple[int, ...], relevant_threshold: float, gain_offset: float, json_out: Path | None,
-          quiet: bool) -> None:
+          ks: tuple[int, ...], relevant_threshold: float | None, gain_offset: float | None, all_judged: bool,
+          json_out: Path | None, quiet: bool) -> None:
     """NDCG@k, Recall@k, Precision@k, MRR and MAP of a run against graded judgments.
+
+    The label scale (0/1, 1-3 grades, 0-based grades) is read from the judgments and sets the
+    NDCG gain and the relevance threshold unless --gain-offset/--relevant-threshold are given;
+    other scales need both. Metrics are averaged over the judged queries the run covers (a run on
+    part of the queries), and the output says how many that is; --all-judged counts every judged
+    query, those missing from the run as 0.
 
     With --funnel CONFIG --queries Q: a per-stage recall funnel instead (see pipeline/funnel_eval.py):
     recall@k after each stage, every lost relevant item blamed on a stage (not retrieved, filtered,
     ranked below the cut), and recall per quartile of the queries' rarest-term catalog frequency.
     """
     from .data import open_dataset, read_parquet
-    from .metrics import evaluate
+    from .errors import DataError
+    from .metrics import LabelScale, evaluate, label_scale
 
     if (run_path is None) == (funnel_config is None):
         raise click.UsageError("give exactly one of --run RUN and --funnel CONFIG")
+    judged = read_parquet(judgments, what="judgments")
+    scale = None
+    if gain_offset is None or relevant_threshold is None:
+        if "relevance" not in judged.column_names:
+            raise DataError(f"eval: judgments file {judgments} needs a 'relevance' column; it has: "
+                            f"{', '.join(judged.column_names)}")
+        try:
+            scale = label_scale(judged.column("relevance"), what=f"judgments file {judgments}")
+        except DataError as exc:
+            raise DataError(f"eval: {exc}") from exc
+        gain_offset = scale.gain_offset if gain_offset is None else gain_offset
+        relevant_threshold = scale.relevant_threshold if relevant_threshold is None else relevant_threshold
+    used = LabelScale(scale.name if scale else "given", gain_offset, relevant_threshold)
+    click.echo(used.describe() + ("" if scale is None else " (set --gain-offset/--relevant-threshold to change)"))
     if funnel_config is not None:
         if queries is None:
             raise click.UsageError("--funnel needs --queries")
-        _funnel(funnel_config, queries, judgments, ks, relevant_threshold, json_out, quiet)
+        _funnel(funnel_config, queries, judged, ks, relevant_threshold, json_out, quiet)
         return
 
     run_table = open_dataset(run_path).to_table()
@@ -318,15 +345,29 @@ def eval_(run_path: Path | None, funnel_config: Path | None, queries: Path | Non
         import pyarrow.compute as pc
 
         run_table, order = run_table.append_column("__order", pc.negate(run_table.column("rank"))), "__order"
-    metrics = evaluate(run_table, read_parquet(judgments, what="judgments"), k_values=ks, score_col=order,
-                       gain_offset=gain_offset, relevant_threshold=relevant_threshold)
+    try:
+        metrics = evaluate(run_table, judged, k_values=ks, score_col=order, gain_offset=gain_offset,
+                           relevant_threshold=relevant_threshold, queries="judged" if all_judged else "run")
+    except DataError as exc:
+        raise DataError(f"eval: {exc} (run {run_path}, judgments {judgments})") from exc
+    judged_n, covered = metrics["queries_judged"], metrics["queries_in_run"]
+    if covered == 0:
+        raise DataError(f"eval: the run {run_path} covers none of the {judged_n} judged queries in {judgments}; "
+                        "are the query_id values the same?")
+    if metrics["queries"] == 0 and metrics["queries_relevant"] == 0:
+        raise DataError(f"eval: no judged item of the evaluated queries has relevance above --gain-offset "
+                        f"{gain_offset:g} or at least --relevant-threshold {relevant_threshold:g}, so every metric "
+                        f"would be NaN; check the label scale of {judgments}")
+    over = f"all {judged_n} judged queries (those missing from the run score 0)" if all_judged else \
+        f"those {covered}" + ("" if covered == judged_n else " (--all-judged: over all, the others scoring 0)")
+    click.echo(f"the run covers {covered} of the {judged_n} judged queries; metrics over {over}")
     for name, value in metrics.items():
         click.echo(f"{name:>16}  {value:.4f}" if isinstance(value, float) else f"{name:>16}  {value}")
     if json_out:
         json_out.write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def _funnel(config: Path, queries: Path, judgments: Path, ks: tuple[int, ...], relevant_threshold: float,
+def _funnel(config: Path, queries: Path, judgments, ks: tuple[int, ...], relevant_threshold: float,
             json_out: Path | None, quiet: bool) -> None:
     import pyarrow.parquet as pq
 

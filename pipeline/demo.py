@@ -6,14 +6,15 @@ from pathlib import Path
 from typing import Callable
 
 import polars as pl
-import pyarrow as pa
 
-from .columns import ITEM_ID, QUERY_ID, RELEVANCE
+from .columns import QUERY_ID
 from .config import PipelineConfig
 
 __all__ = ["demo_config", "run_demo"]
 
 RELEVANT = 2.67
+#: The shown list's length, and the cut-off of the demo's per-stage recall.
+CUT = 10
 
 
 def demo_config() -> PipelineConfig:
@@ -27,15 +28,16 @@ def demo_config() -> PipelineConfig:
             {"type": "recall.faiss", "params": {"index": "artifacts/index", "k": 100, "factory": "HNSW32",
                                                 "item_text": ["title", "brand"]}},
             {"type": "lookup.catalog", "params": {"items": "artifacts/items",
-                                                  "columns": ["title", "brand", "color", "material", "price", "in_stock"]}},
+                                                  "columns": ["title", "brand", "color", "material", "price", "in_stock",
+                                                              "popularity"]}},
             {"type": "filter.rules", "params": {"rules": [{"column": "in_stock", "op": "eq", "value": True},
                                                           {"column": "price", "op": "between", "max": 1000.0}]}},
             {"type": "features.text", "params": {"features": ["recall_score", "recall_rank", "overlap", "coverage",
                                                               "jaccard", "title_len", "query_len", "number_match",
                                                               "query_has_number", "brand_match", "color_match",
-                                                              "material_match"]}},
+                                                              "material_match", "popularity"]}},
             {"type": "rank.lightgbm", "params": {"model": "artifacts/ranker", "n_estimators": 300}},
-            {"type": "display.topn", "params": {"n": 10, "cap_column": "brand", "cap": 4}},
+            {"type": "display.topn", "params": {"n": CUT, "cap_column": "brand", "cap": 4}},
         ],
     )
 
@@ -48,6 +50,7 @@ def run_demo(workdir: Path, *, n_items: int = 3000, n_queries: int = 400, seed: 
     from .config import load_config
     from .data import read_parquet
     from .demo_data import generate_demo_data
+    from .funnel_eval import _Observer, _recall, _relevant  # the per-stage recall of `funnel eval --funnel`
     from .metrics import evaluate
     from .runner import run_to_parquet
 
@@ -65,25 +68,24 @@ def run_demo(workdir: Path, *, n_items: int = 3000, n_queries: int = 400, seed: 
     ranker_dir = workdir / "artifacts" / "ranker"
     queries, judgments = ranker_dir / "holdout_queries.parquet", ranker_dir / "holdout_judgments.parquet"
     judged = read_parquet(judgments, what="judgments")
-    relevant = pl.from_arrow(judged).filter(pl.col(RELEVANCE) >= RELEVANT).select(QUERY_ID, ITEM_ID)
-    found: dict[int, int] = {}
-
-    def observe(step: int, table: pa.Table) -> None:
-        if ITEM_ID in table.column_names and QUERY_ID in table.column_names:
-            got = pl.from_arrow(table.select([QUERY_ID, ITEM_ID])).with_columns(
-                pl.col(ITEM_ID).cast(relevant.schema[ITEM_ID]), pl.col(QUERY_ID).cast(relevant.schema[QUERY_ID]))
-            found[step] = found.get(step, 0) + relevant.join(got.unique(), on=[QUERY_ID, ITEM_ID]).height
+    relevant = _relevant(judged, RELEVANT)
+    observer = _Observer(relevant, CUT)
 
     echo(f"[3/4] running on the {judged.column(QUERY_ID).unique().__len__()} held-out queries")
     pipe = load_config(config_path).build().with_device(device)
     out = workdir / "out" / "candidates.parquet"
-    summary = run_to_parquet(pipe, queries, out, batch_size=64, progress=progress, observer=observe, overwrite=True)
-    recall = {step: n / max(relevant.height, 1) for step, n in found.items()}
-    echo(stage_table(summary.stages, recall))
-    echo(f"      recall = share of the {relevant.height} relevant judged (query, item) pairs still present after each stage")
+    summary = run_to_parquet(pipe, queries, out, batch_size=64, progress=progress, observer=observer, overwrite=True)
+    seen = {step: pl.concat(parts, how="diagonal_relaxed") for step, parts in observer.seen.items()}
+    echo(stage_table(summary.stages, {
+        "R@all": {step: _recall(relevant, hits) for step, hits in seen.items()},
+        f"R@{CUT}": {step: _recall(relevant, hits.filter(pl.col("__pos") <= CUT)) for step, hits in seen.items()},
+    }))
+    echo(f"      R@{CUT}: mean over the {relevant[QUERY_ID].n_unique()} queries with a relevant judged item of the "
+         f"share of their {relevant.height} relevant items in the first {CUT} rows after each stage (R@all: anywhere "
+         f"in its output); the same measure as recall@{CUT} below")
 
-    echo("[4/4] evaluating the shown top-10 against the held-out judgments")
-    metrics = evaluate(read_parquet(out, what="run"), judged, k_values=(10,))
+    echo(f"[4/4] evaluating the shown top-{CUT} against the held-out judgments")
+    metrics = evaluate(read_parquet(out, what="run"), judged, k_values=(CUT,))
     echo("      " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     echo(f"wrote {summary.rows} rows for {summary.queries} queries to {out}")
     return {"metrics": metrics, "out": out, "summary": summary}

@@ -32,8 +32,12 @@ The generative model, in three steps:
    third (two for brand) less per mismatched attribute down to 2; 1.67 for a related type (same
    category) sharing the brand or colour, 1.33 for the same category, 1 otherwise. Model-number
    queries grade the family 3, same type and brand 2.33, same type 2. Brand-only queries grade
-   the brand's items 3. The 5-10 judged items of a query are the seed plus a sample stratified
-   by grade that leans to the good ones, like the results a live engine shows to raters.
+   the brand's items 3. The 5-10 judged items of a query are one item of the top grade plus a
+   sample stratified by grade that leans to the good ones, like the results a live engine shows
+   to raters; within a grade (and for the top-grade item) an item is picked in proportion to its
+   ``popularity``, as an engine shows popular items first. So among many equally relevant items
+   (every drill for "drill") the judged ones are the popular ones, a signal a ranker with a
+   popularity feature learns and the text alone does not carry.
 """
 
 from __future__ import annotations
@@ -348,9 +352,11 @@ def generate_demo_data(folder: Path, *, n_items: int = 3000, n_queries: int = 40
     j_query, j_item, j_rel = [], [], []
     for qi, intent in enumerate(intents):
         grades = _grade(intent, items)
+        # within a grade, popular items are more likely judged: raters grade what the engine showed
+        shown = items["popularity"]
         best = np.flatnonzero(grades == grades.max())
-        anchor = int(rng.choice(best))
-        p = _GRADE_WEIGHT[grades] / np.bincount(grades, minlength=10)[grades]
+        anchor = int(rng.choice(best, p=shown[best] / shown[best].sum()))
+        p = _GRADE_WEIGHT[grades] * shown / np.bincount(grades, weights=shown, minlength=10)[grades]
         p[anchor] = 0.0
         n_judged = min(int(rng.integers(5, 11)), n_items)
         others = rng.choice(n_items, n_judged - 1, replace=False, p=p / p.sum())

@@ -46,6 +46,7 @@ import pyarrow as pa
 
 from .columns import ITEM_ID, QUERY, QUERY_ID, RANK, RELEVANCE, SCORE
 from .errors import DataError
+from .metrics import _numeric_relevance
 from .stage import Pipeline, StageStats
 
 __all__ = ["FunnelReport", "funnel_eval", "REASONS", "term_frequencies"]
@@ -145,8 +146,8 @@ def _relevant(judgments: pa.Table | pl.DataFrame, threshold: float) -> pl.DataFr
     if missing:
         raise DataError(f"funnel evaluation needs column(s) {', '.join(missing)} in the judgments; "
                         f"they have: {', '.join(frame.columns)}")
-    frame = _strings(frame, QUERY_ID, ITEM_ID).group_by([QUERY_ID, ITEM_ID], maintain_order=True).agg(
-        pl.col(RELEVANCE).cast(pl.Float64).mean())
+    frame = _strings(frame, QUERY_ID, ITEM_ID).with_columns(_numeric_relevance(frame[RELEVANCE], "judgments"))
+    frame = frame.group_by([QUERY_ID, ITEM_ID], maintain_order=True).agg(pl.col(RELEVANCE).mean())
     return frame.filter(pl.col(RELEVANCE).round(2) >= threshold - 1e-9).select(QUERY_ID, ITEM_ID)
 
 

@@ -260,20 +260,20 @@ class StageStats:
         return float(sum(self.seconds))
 
 
-def stage_table(stats: Sequence[StageStats], recall: dict[int, float] | None = None) -> str:
-    """Per-stage rows in/out and latency (and recall of relevant items, when given), as text."""
+def stage_table(stats: Sequence[StageStats], quality: dict[str, dict[int, float]] | None = None) -> str:
+    """Per-stage rows in/out and latency, plus one column per ``quality`` entry (``{header: {step: value}}``,
+    0-based steps; a step without a value is left blank), as text."""
     import statistics
 
+    quality = quality or {}
     head = f"{'step':<4} {'stage':<30} {'rows in':>9} {'rows out':>9} {'p50 ms/batch':>13} {'total s':>8}"
-    if recall is not None:
-        head += f" {'recall':>7}"
+    head += "".join(f" {name:>7}" for name in quality)
     lines = [head, "-" * len(head)]
     for i, s in enumerate(stats):
         p50 = statistics.median(s.seconds) * 1000 if s.seconds else 0.0
         line = f"{i + 1:<4} {s.name:<30} {s.rows_in:>9} {s.rows_out:>9} {p50:>13.2f} {s.total_seconds:>8.2f}"
-        if recall is not None:
-            line += f" {recall[i]:>7.3f}" if i in recall else f" {'':>7}"
-        lines.append(line)
+        line += "".join(f" {values[i]:>7.3f}" if i in values else f" {'':>7}" for values in quality.values())
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 

@@ -152,6 +152,9 @@ FEATURES: dict[str, Feature] = {
                               lambda s: pl.col(_mention_column(s.material_column)),
                               "the item's material (any of them, for a list column) is mentioned in the query",
                               mention="material_column"),
+    "popularity": Feature(("popularity_column",),
+                          lambda s: pl.col(s.popularity_column).cast(pl.Float64).fill_null(0.0).clip(0.0).log1p(),
+                          "log(1 + the item's popularity column: sales, clicks, ratings count); 0 where missing"),
     "source_scores": Feature((), lambda s: _per_source(s, "score", s.missing_score),
                              "one column f_score_<name> per recall source in `sources` (recall.fused's "
                              "score_<name>); missing_score where that source did not find the item",
@@ -190,7 +193,7 @@ class TextMatchFeatures(Stage):
 
     def __init__(self, features: list[str] | tuple[str, ...] = DEFAULT_FEATURES, query_column: str = QUERY,
                  title_column: str = "title", brand_column: str = "brand", color_column: str = "color",
-                 material_column: str = "material", score_column: str = SCORE, rank_column: str = RANK,
+                 material_column: str = "material", popularity_column: str = "popularity", score_column: str = SCORE, rank_column: str = RANK,
                  sources: list[str] | tuple[str, ...] = (), missing_score: float = -1.0, missing_rank: int = 1000,
                  source_column: str = SOURCE):
         self.features = features
@@ -199,6 +202,7 @@ class TextMatchFeatures(Stage):
         self.brand_column = brand_column
         self.color_column = color_column
         self.material_column = material_column
+        self.popularity_column = popularity_column
         self.score_column = score_column
         self.rank_column = rank_column
         self.sources = sources

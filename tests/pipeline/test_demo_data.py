@@ -104,3 +104,13 @@ def test_small_sizes(tmp_path):
     assert pq.read_table(paths["queries"]).num_rows == 10
     with pytest.raises(ValueError, match="n_items"):
         generate_demo_data(tmp_path, n_items=5)
+
+
+def test_judged_items_lean_to_popular_ones(demo):
+    """Raters grade what an engine showed: among equally good items the judged ones are the popular
+    ones, which a ranker's popularity feature can learn (the demo's ranker then adds to recall)."""
+    _, t, _ = demo
+    j, catalog = t["judgments"], t["catalog"]
+    popularity = dict(zip(catalog["item_id"].to_pylist(), catalog["popularity"].to_pylist()))
+    judged = np.array([popularity[i] for i in j["item_id"].to_pylist()])
+    assert np.median(judged) > 2 * np.median(catalog["popularity"].to_numpy())

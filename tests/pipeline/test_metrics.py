@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.errors import DataError
-from pipeline.metrics import coverage, evaluate, per_query, recall_at_k
+from pipeline.metrics import BINARY, HOME_DEPOT, ZERO_BASED, coverage, evaluate, label_scale, per_query, recall_at_k
 
 # q1: judged a..e; the run shows b, x (unjudged), a, c, d; e is never retrieved.
 # q2: judged f, g, nothing reaches 2.67 -> left out of binary metrics, kept in NDCG (f gains 1).
@@ -95,7 +95,9 @@ def test_dcg_is_unscaled_and_bad_names_are_refused():
 def test_default_keys():
     run, judgments = tables()
     result = evaluate(run, judgments)
-    assert set(result) == {f"{m}@{k}" for m in METRICS for k in (10, 100)} | {"queries", "queries_relevant"}
+    assert set(result) == {f"{m}@{k}" for m in METRICS for k in (10, 100)} | {
+        "queries", "queries_relevant", "queries_judged", "queries_in_run"}
+    assert (result["queries_judged"], result["queries_in_run"]) == (4, 2)  # q3 and q4 are not in the run
     assert result["recall@100"] == pytest.approx(0.5)  # q1 finds both, q3 nothing
 
 
@@ -185,3 +187,35 @@ def test_coverage():
     assert coverage(run, 20) == 7 / 20  # items 1, 2, 3, 4, 6, 7, 99
     with pytest.raises(ValueError, match="catalog_size"):
         coverage(run, 0)
+
+
+def test_label_scale_is_detected():
+    assert label_scale([0, 1, 1]) == BINARY and label_scale([1, 1]) == BINARY and label_scale([True, False]) == BINARY
+    assert label_scale([1.0, 2.33, 3.0]) == HOME_DEPOT and label_scale([2, 3]) == HOME_DEPOT
+    assert label_scale([0, 2, 4]) == ZERO_BASED
+    for bad in ([1, 5], [-1, 1]):
+        with pytest.raises(DataError, match="cannot tell the label scale .* give gain_offset and relevant_threshold"):
+            label_scale(bad)
+    with pytest.raises(DataError, match="must hold numbers .* found text such as 'high', 'low'"):
+        label_scale(["high", "low", "3"])
+    assert label_scale(["1", "3"]) == HOME_DEPOT  # numbers stored as text are read as numbers
+    with pytest.raises(DataError, match="1 of 2 are null"):
+        label_scale([1.0, None])
+
+
+def test_binary_labels_score_with_default_options():
+    run, judgments = tables()
+    binary = judgments.set_column(2, "relevance", pa.array([1 if r >= 2.67 else 0 for _, _, r in JUDGED]))
+    result = evaluate(run, binary, k_values=(3, 5), metrics=("recall", "ndcg"))
+    assert result["recall@3"] == pytest.approx(EXPECTED["recall@3"]) and result["queries_relevant"] == 2
+    assert result["queries"] == 2 and result["ndcg@5"] > 0
+
+
+def test_queries_run_averages_over_the_covered_queries():
+    run, judgments = tables()
+    result = evaluate(run, judgments, k_values=(3, 5), queries="run")
+    assert result["recall@5"] == pytest.approx(1.0)  # q1 alone: q3 (judged, not in the run) left out
+    assert result["queries_relevant"] == 1 and result["queries"] == 2
+    assert per_query(run, judgments, k_values=(3,), queries="run").column("query_id").to_pylist() == [1, 2]
+    with pytest.raises(ValueError, match="queries must be one of"):
+        evaluate(run, judgments, queries="all")

@@ -134,3 +134,11 @@ def test_the_guides_example_stage_runs_as_shown(capsys):
         exec(compile(stage_code + try_it, str(GUIDE), "exec"), namespace)  # the guide's own code, not user input
     printed = capsys.readouterr().out
     assert '"a"' in printed and '"c"' in printed and '"b"' not in printed
+
+
+def test_the_readme_uses_only_the_public_api():
+    readme = REPO / "README.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", readme.read_text(), flags=re.S | re.M)
+    assert blocks, "the README has no python examples"
+    private = [p for i, block in enumerate(blocks) for p in funnel_imports(block, f"README.md block {i + 1}")[1]]
+    assert not private, "README.md imports private names:\n" + "\n".join(private)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pyarrow as pa
 import pytest
 
@@ -26,3 +28,10 @@ def test_unknown_feature_lists_known_ones():
 def test_required_columns_follow_selected_features():
     stage = TextMatchFeatures(features=["title_len"], title_column="name")
     assert stage.required_columns().names == ["query_id", "name"]
+
+
+def test_popularity_is_log1p_of_the_column_and_zero_where_missing():
+    t = pa.table({"query_id": [1, 1, 1], "sales": [0.0, 9.0, None]})
+    stage = TextMatchFeatures(features=["popularity"], popularity_column="sales")
+    assert stage.required_columns().names == ["query_id", "sales"]
+    assert stage(t).column("f_popularity").to_pylist() == pytest.approx([0.0, math.log(10.0), 0.0])
