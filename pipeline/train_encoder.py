@@ -479,6 +479,13 @@ def train_encoder(
     trainer, seconds, state = _fit(model, cols, evaluator, epochs=epochs, batch_size=batch_size,
                                    learning_rate=learning_rate, evals_per_epoch=evals_per_epoch, patience=patience,
                                    seed=seed, cpu=encoder.device_ == "cpu", progress=progress, label=label)
+    if not any("eval_val_ndcg@10" in h for h in state.log_history):
+        # the batch sampler can run out of distinct pairs before the first scheduled validation
+        before = evaluator.seconds
+        found = evaluator(trainer.model)
+        base_eval_seconds += evaluator.seconds - before  # after training: not part of its time
+        state.log_history.append({"step": state.global_step, "epoch": state.epoch,
+                                  **{f"eval_{k}": v for k, v in found.items()}})
     best = max((h for h in state.log_history if "eval_val_ndcg@10" in h), key=lambda h: h["eval_val_ndcg@10"])
     epochs_run = float(state.epoch or epochs)
     val_seconds = evaluator.seconds - base_eval_seconds
