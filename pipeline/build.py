@@ -3,7 +3,8 @@
 A stage that needs artifacts (an index, a trained model, a catalog snapshot) implements
 ``build(upstream, ctx) -> str``: ``upstream`` is the :class:`Pipeline` of the stages before it
 (already built, so a ranker can run recall to collect its training candidates), ``ctx`` a
-:class:`BuildContext`. It returns one line saying what it did. Builds are skipped when the
+:class:`BuildContext`. It returns one line saying what it did, or ``None`` when the stage's
+parameters leave it nothing to build (an encoder without a ``train`` table): nothing is printed. Builds are skipped when the
 artifact's manifest records the same ``build_key`` — a hash of the stage's parameters and the
 contents of its inputs — unless ``ctx.force``.
 
@@ -69,7 +70,8 @@ def build_artifacts(cfg: PipelineConfig, *, force: bool = False, progress: bool 
         if not hasattr(stage, "build") or (only is not None and not only(stage)):
             continue
         upstream = Pipeline(pipe.stages[:i], inputs=pipe.inputs) if i else None
-        log(stage.build(upstream, ctx))
+        if (line := stage.build(upstream, ctx)) is not None:
+            log(line)
     return pipe
 
 

@@ -234,10 +234,11 @@ class SentenceTransformerEncoder(Stage):
 
     # -- a trained model as an artifact --------------------------------------------------------
 
-    def build(self, upstream, ctx) -> str:
-        """Train ``model`` from the ``train`` table when it is missing or stale (see the class docstring)."""
+    def build(self, upstream, ctx) -> str | None:
+        """Train ``model`` from the ``train`` table when it is missing or stale (see the class docstring);
+        ``None`` (nothing to build) without one."""
         if self.train is None:
-            return f"{self.name}: model {self.model!r} used as it is (no 'train' table)"
+            return None
         from pipeline.train_encoder import build_encoder
 
         return build_encoder(self, ctx)
