@@ -399,7 +399,7 @@ def train_encoder(
     log lines and progress bars. Returns an :class:`EncoderTrainingResult`.
     """
     from stages.faiss import _item_texts  # the index's own item text, so training sees what gets indexed
-    from stages.sentence_transformers import check_train_options
+    from stages.sentence_transformers import TRAIN_OPTIONS, check_train_options
 
     from .extras import require_extra
 
@@ -420,8 +420,10 @@ def train_encoder(
 
     encoder, recall, item_text, (holdout_fraction, holdout_seed) = _pipeline_parts(cfg, stage)
     # trained in fp32 and uncompiled whatever the stage runs with (bf16 weights do not take AdamW steps well)
-    encoder = encoder.clone(model=base_model or encoder.model, device=device or encoder.device, train=None,
-                            precision="fp32", compile=False)
+    if base_model is None:  # a stage with a `train` table names its output folder; training starts from its base
+        base_model = encoder.model if encoder.train is None else {**TRAIN_OPTIONS, **encoder.train}["base_model"]
+    encoder = encoder.clone(model=base_model, device=device or encoder.device, train=None, precision="fp32",
+                            compile=False)
     catalog_path, judgments_path = cfg.data_path("catalog"), cfg.data_path("judgments")
     log, step = _labelled(log, label), _Steps(log, label)
     step("reading the catalog and judgments, splitting by query")

@@ -63,8 +63,9 @@ TRAIN_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
 
 
 def check_train_options(options: dict[str, Any], *, stage: str, prefix: str = "train.") -> dict[str, Any]:
-    """``options`` checked against :data:`TRAIN_CHECKS` and completed with :data:`TRAIN_OPTIONS`;
-    errors use :data:`~pipeline.errors.BAD_PARAM` with the option as ``<prefix><name>``."""
+    """``options`` checked against :data:`TRAIN_CHECKS` and completed with :data:`TRAIN_OPTIONS`
+    (``epochs = 1`` read as ``1.0``, so equal settings give equal build keys); errors use
+    :data:`~pipeline.errors.BAD_PARAM` with the option as ``<prefix><name>``."""
     if not isinstance(options, dict):
         raise ConfigError(BAD_PARAM.format(param=prefix.rstrip("."), stage=stage, expected="a table of training "
                                            f"options ({', '.join(TRAIN_OPTIONS)})", found=options))
@@ -76,7 +77,8 @@ def check_train_options(options: dict[str, Any], *, stage: str, prefix: str = "t
         expected, ok = TRAIN_CHECKS[name]
         if not ok(value):
             raise ConfigError(BAD_PARAM.format(param=prefix + name, stage=stage, expected=expected, found=value))
-    return {**TRAIN_OPTIONS, **options}
+    full = {**TRAIN_OPTIONS, **options}
+    return {k: float(v) if isinstance(TRAIN_OPTIONS[k], float) and v is not None else v for k, v in full.items()}
 
 
 def resolve_model(model: str) -> tuple[str, bool]:

@@ -286,3 +286,24 @@ def test_build_keeps_a_model_trained_by_hand(trained):
     line = build_encoder(stage, BuildContext(cfg, progress=False, log=lambda m: None))
     assert "kept" in line and "did not write it" in line and "--force retrains it" in line
     assert (root / "artifacts" / "encoder" / "v1" / "manifest.json").read_text() == before
+
+
+def test_the_encoder_build_key_follows_data_settings_and_split_only(tmp_path):
+    from pipeline.demo_data import generate_demo_data
+    from pipeline.train_encoder import encoder_build_key
+
+    generate_demo_data(tmp_path / "data", n_items=40, n_queries=10, seed=3)
+
+    def key(train: dict, **stage_params) -> str:
+        cfg = load_config(_trainable_config(tmp_path, train))
+        cfg.stages[0]["params"].update(stage_params)
+        return encoder_build_key(cfg.build().stages[0], cfg)[0]
+
+    base = key({"epochs": 1})
+    assert key({"epochs": 1.0}) == base and key({}) == base  # defaults and 1 == 1.0
+    assert key({"epochs": 1}, batch_size=8, precision="bf16") == base  # how the stage runs, not how it trains
+    assert key({"epochs": 2}) != base and key({"seed": 1}) != base
+    assert key({"base_model": "sentence-transformers/all-MiniLM-L6-v2"}) != base
+    judgments = tmp_path / "data" / "judgments.parquet"
+    pq.write_table(pq.read_table(judgments).slice(1), judgments)
+    assert key({"epochs": 1}) != base
