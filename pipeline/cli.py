@@ -94,7 +94,8 @@ def _load(config: Path, version: str | None = None, logs: Path | None = None):
 @click.option("--version", "version", help=VERSION_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def build(config: Path, force: bool, logs: Path | None, version: str | None, quiet: bool) -> None:
-    """Build every artifact CONFIG needs (item snapshot, embeddings + index, trained ranker).
+    """Build every artifact CONFIG needs (fine-tuned encoder, item snapshot, embeddings + index,
+    trained ranker), in stage order, printing what each stage builds.
 
     Idempotent: artifacts whose inputs and parameters are unchanged are kept. With artifact
     paths containing {version}, `--logs NEW.parquet --version v2` builds a new version from new
@@ -170,9 +171,16 @@ def train_encoder(config: Path, out: Path | None, epochs: float, device: str | N
     queries the ranker does not hold out; a validation split of them picks the best checkpoint
     by retrieval NDCG@10. Writes a new versioned folder (safetensors + manifest.json); use it
     with `model = "artifacts/encoder/vN"` in the encode stage (and a new index folder).
-    Needs the `train` extra (datasets, accelerate).
+    Needs the `train` extra (datasets, accelerate): pip install -e ".[train]".
+
+    To have `funnel build` train the encoder instead (when missing, or when the data or the
+    settings changed), give the encode stage a `train` table with these options, e.g.
+    `params = { model = "artifacts/encoder/v1", train = { epochs = 1 } }`.
     """
     from .config import load_config
+    from .extras import require_extra
+
+    require_extra("train", what="`funnel train encoder`")
     from .train_encoder import train_encoder as train
 
     cfg = load_config(config)

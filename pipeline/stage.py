@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,19 +161,21 @@ class Stage:
         """A path parameter made absolute against the config file's folder.
 
         A relative path may not climb out of that folder (``../../etc``); write an absolute
-        path to point elsewhere on purpose.
+        path to point elsewhere on purpose. The check is on the path as written: symbolic links
+        inside the folder are followed wherever they point (a model or index folder linked in
+        from a shared disk is the user's choice, not an escape).
         """
         p = Path(value)
         if p.is_absolute():
             return p
         base = (self._base_dir or Path.cwd()).resolve()
-        resolved = (base / p).resolve()
-        if base != resolved and base not in resolved.parents:
+        written = Path(os.path.normpath(base / p))
+        if base != written and base not in written.parents:
             raise ConfigError(
                 f"stage '{self.name}': relative path {str(value)!r} leaves the config folder {base}; "
                 "write an absolute path to use a file outside it"
             )
-        return resolved
+        return written.resolve()
 
     # -- schemas -----------------------------------------------------------------------------
 

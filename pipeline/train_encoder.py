@@ -81,9 +81,13 @@ from .data import holdout_mask, read_catalog, read_judgments
 from .errors import ArtifactError, ConfigError, DataError
 
 __all__ = ["EncoderTrainingResult", "RetrievalNDCGEvaluator", "train_encoder", "split_queries", "next_version_dir",
-           "MANIFEST_KIND"]
+           "MANIFEST_KIND", "BUILT_BY", "build_encoder", "encoder_build_key"]
 
 MANIFEST_KIND = "sentence-transformers-encoder"
+#: ``built_by`` in the manifest of a model ``funnel build`` trained (and may retrain when stale).
+BUILT_BY = "funnel build"
+#: Steps of one training, as its log lines number them.
+TRAIN_STEPS = 5
 #: File suffixes that would mean a pickle-based file in a saved model (refused).
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt")
 _VERSION = re.compile(r"^v(\d+)$")
@@ -177,19 +181,43 @@ def split_queries(query_ids: pa.Array, holdout_fraction: float, seed: int, valid
             [q for q, h in zip(ids, held) if h])
 
 
-def _pipeline_parts(cfg: PipelineConfig):
-    """The encode stage, its recall stage, the item text columns and the ranker's holdout (fraction, seed)."""
+def _stage_lists(stages: list) -> list[list]:
+    """``stages`` and the stage lists of every sub-pipeline (``recall.fused`` sources) in it."""
+    out = [stages]
+    for stage in stages:
+        subs = getattr(stage, "_pipelines", None)
+        if callable(subs):
+            for _, _, sub in subs():
+                out += _stage_lists(sub.stages)
+    return out
+
+
+def _pipeline_parts(cfg: PipelineConfig, stage=None, pipe=None):
+    """The encode stage, its recall stage, the item text columns and the ranker's holdout (fraction, seed).
+
+    The encode stage is ``stage`` when given (found in ``pipe``, the pipeline being built, or one
+    with the same spec in ``cfg``), else the config's first (sub-pipelines of ``recall.fused``
+    included); its recall stage is the next stage of the same list that searches its embeddings.
+    """
     from stages.sentence_transformers import SentenceTransformerEncoder
 
-    pipe = cfg.build()
-    encoder = next((s for s in pipe.stages if isinstance(s, SentenceTransformerEncoder)), None)
-    if encoder is None:
+    lists = _stage_lists((pipe or cfg.build()).stages)
+    if stage is not None and not any(s is stage for ls in lists for s in ls):
+        lists = _stage_lists(cfg.build().stages)
+    found = None
+    for stages in lists:
+        for i, s in enumerate(stages):
+            mine = s is stage or (stage is not None and stage_to_spec(s) == stage_to_spec(stage))
+            if found is None and isinstance(s, SentenceTransformerEncoder) and (stage is None or mine):
+                found = (s, stages[i + 1:])
+    if found is None:
         raise ConfigError("`funnel train encoder` needs an encode.sentence_transformers stage in the config; it has: "
-                          + ", ".join(s.name for s in pipe.stages))
-    recall = next((s for s in pipe.stages if getattr(s, "embedding_column", None) == encoder.output_column
+                          + ", ".join(s.name for s in lists[0]))
+    encoder, after = found
+    recall = next((s for s in after if getattr(s, "embedding_column", None) == encoder.output_column
                    and getattr(s, "item_text", None)), None)
     item_text = list(recall.item_text) if recall is not None else ["title"]
-    ranker = next((s for s in pipe.stages if hasattr(s, "holdout_fraction")), None)
+    ranker = next((s for ls in lists for s in ls if hasattr(s, "holdout_fraction")), None)
     holdout = (float(ranker.holdout_fraction), int(ranker.seed)) if ranker is not None else (0.2, 0)
     return encoder, recall, item_text, holdout
 
@@ -240,7 +268,7 @@ def _indexed_embeddings(folder: Path, index_of: dict) -> np.ndarray | None:
 
 def _pairs(train: pl.DataFrame, texts: dict, catalog_ids: np.ndarray, model, *, base_index: Path | None,
            min_positive: float, max_negative: float, mine_depth: int, margin: float, batch_size: int, seed: int, progress: bool,
-           log: Callable[[str], None]) -> dict[str, list[str]]:
+           log: Callable[[str], None], label: str = "") -> dict[str, list[str]]:
     """``anchor``, ``positive``, ``negative`` columns for the training queries, and each negative's ``kind``."""
     from tqdm.auto import tqdm
 
@@ -275,7 +303,7 @@ def _pairs(train: pl.DataFrame, texts: dict, catalog_ids: np.ndarray, model, *, 
 
     cols: dict[str, list[str]] = {"anchor": [], "positive": [], "negative": [], "kind": []}
     rows = by_query.select("pos", "neg", "judged").iter_rows()
-    for qi, (pos, neg, judged) in enumerate(tqdm(rows, total=len(queries), desc="pairs and hard negatives",
+    for qi, (pos, neg, judged) in enumerate(tqdm(rows, total=len(queries), desc=f"{label}pairs and hard negatives",
                                                  unit="q", disable=not progress)):
         sim = lambda item: float(q_emb[qi] @ items_emb[index_of[item]])  # noqa: E731
         neg = sorted(neg, key=sim, reverse=True)
@@ -315,6 +343,21 @@ def _val_evaluator(valid: pl.DataFrame, texts: dict, catalog_ids: np.ndarray, *,
                                   valid.select(QUERY_ID, ITEM_ID, RELEVANCE).to_arrow(), batch_size=batch_size)
 
 
+def _labelled(log: Callable[[str], None], label: str) -> Callable[[str], None]:
+    return (lambda message: log(f"{label}{message}")) if label else log
+
+
+class _Steps:
+    """``log("<label>step i/5: what")``: where a long training is, named in every build log."""
+
+    def __init__(self, log: Callable[[str], None], label: str):
+        self.log, self.label, self.done = log, label, 0
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        self.log(f"{self.label}step {self.done}/{TRAIN_STEPS}: {what}")
+
+
 def _tree_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
@@ -340,34 +383,50 @@ def train_encoder(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    stage=None,
+    base_model: str | None = None,
+    replace: bool = False,
+    build_key: str | None = None,
+    label: str = "",
 ) -> EncoderTrainingResult:
     """Fine-tune the encode stage of ``cfg`` on its judgments; see the module docstring.
 
     ``out`` is the new model folder (default: ``artifacts/encoder/vN`` next to the config); it
-    must not exist. ``max_pairs`` samples that many training pairs (all when ``None``).
-    Returns an :class:`EncoderTrainingResult`.
+    must not exist unless ``replace`` (``funnel build`` renewing a stale model it trained).
+    ``max_pairs`` samples that many training pairs (all when ``None``). ``stage`` picks the
+    encode stage (default: the config's first), ``base_model`` the model to start from (default:
+    the stage's ``model``); ``build_key`` is recorded in the manifest; ``label`` prefixes the
+    log lines and progress bars. Returns an :class:`EncoderTrainingResult`.
     """
     from stages.faiss import _item_texts  # the index's own item text, so training sees what gets indexed
+    from stages.sentence_transformers import TRAIN_OPTIONS, check_train_options
 
+    from .extras import require_extra
+
+    require_extra("train", what="training an encoder")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     base_dir = (cfg.base_dir or Path.cwd()).resolve()
     folder = Path(out) if out is not None else next_version_dir(base_dir / "artifacts" / "encoder")
     folder = folder if folder.is_absolute() else (Path.cwd() / folder)
     folder = folder.resolve()
-    if folder.exists() and any(folder.iterdir()):
+    if not replace and folder.exists() and any(folder.iterdir()):
         raise ArtifactError(f"encoder output folder {folder} already exists and is not empty; model versions are never "
                             "rewritten (an index built with it would silently go stale): choose a new --out")
-    for name, value, ok in [("epochs", epochs, epochs > 0), ("batch_size", batch_size, batch_size >= 2),
-                            ("valid_fraction", valid_fraction, 0 < valid_fraction < 1),
-                            ("evals_per_epoch", evals_per_epoch, evals_per_epoch >= 1), ("patience", patience, patience >= 1),
-                            ("margin", margin, 0 < margin <= 1), ("mine_depth", mine_depth, mine_depth >= 0)]:
-        if not ok:
-            raise ConfigError(f"`funnel train encoder`: {name} is out of range; got {value!r}")
+    options = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, max_seq_length=max_seq_length,
+                   max_pairs=max_pairs, min_positive=min_positive, max_negative=max_negative, mine_depth=mine_depth,
+                   margin=margin, valid_fraction=valid_fraction, val_items=val_items, evals_per_epoch=evals_per_epoch,
+                   patience=patience, seed=seed)
+    check_train_options(options, stage="`funnel train encoder`", prefix="")
 
-    encoder, recall, item_text, (holdout_fraction, holdout_seed) = _pipeline_parts(cfg)
-    if device is not None:
-        encoder = encoder.clone(device=device)
+    encoder, recall, item_text, (holdout_fraction, holdout_seed) = _pipeline_parts(cfg, stage)
+    # trained in fp32 and uncompiled whatever the stage runs with (bf16 weights do not take AdamW steps well)
+    if base_model is None:  # a stage with a `train` table names its output folder; training starts from its base
+        base_model = encoder.model if encoder.train is None else {**TRAIN_OPTIONS, **encoder.train}["base_model"]
+    encoder = encoder.clone(model=base_model, device=device or encoder.device, train=None, precision="fp32",
+                            compile=False)
     catalog_path, judgments_path = cfg.data_path("catalog"), cfg.data_path("judgments")
+    log, step = _labelled(log, label), _Steps(log, label)
+    step("reading the catalog and judgments, splitting by query")
     catalog = read_catalog(catalog_path, item_text)
     catalog_ids = catalog.column(ITEM_ID).to_numpy()
     texts = dict(zip(catalog_ids.tolist(), _item_texts(catalog, item_text)))
@@ -387,6 +446,7 @@ def train_encoder(
         f"{len(valid_ids)} validation, {len(train_ids)} training"
         + (f"; {unknown} judgment(s) of items missing from the catalog ignored" if unknown else ""))
 
+    step(f"loading {encoder.model!r}; training pairs and hard negatives")
     encoder.warm_up()
     model = encoder.model_
     if max_seq_length is not None:
@@ -394,7 +454,7 @@ def train_encoder(
     base_index = _reusable_index(recall, encoder, item_text, catalog_path) if mine_depth > 0 else None
     cols = _pairs(train, texts, catalog_ids, model, base_index=base_index, min_positive=min_positive,
                   max_negative=max_negative, mine_depth=mine_depth, margin=margin, batch_size=encoder.batch_size * 2,
-                  seed=seed, progress=progress, log=log)
+                  seed=seed, progress=progress, log=log, label=label)
     n_pairs = len(cols["anchor"])
     if n_pairs < batch_size:
         raise DataError(f"judgments file {judgments_path}: only {n_pairs} training pair(s) with relevance >= "
@@ -408,25 +468,39 @@ def train_encoder(
     log(f"{n_train} training pairs (of {n_pairs}); hard negatives: {counts['judged']} judged irrelevant, "
         f"{counts['mined']} mined, {counts['random']} random")
 
+    step("validating the base model")
     evaluator = _val_evaluator(valid, texts, catalog_ids, val_items=val_items, seed=seed,
                                batch_size=encoder.batch_size * 2)
     base_metrics = evaluator(model)
     log(f"base model on validation ({len(evaluator.queries)} queries over {len(evaluator.item_texts)} items): "
         f"NDCG@10 {base_metrics['val_ndcg@10']:.4f}, Recall@100 {base_metrics['val_recall@100']:.4f}")
 
+    step(f"fine-tuning on {len(cols['anchor'])} pairs ({epochs:g} epoch(s), batches of {batch_size}, "
+         f"{evals_per_epoch} validation(s) an epoch)")
+    base_eval_seconds = evaluator.seconds  # the time of validation runs during training is what gets subtracted
     trainer, seconds, state = _fit(model, cols, evaluator, epochs=epochs, batch_size=batch_size,
                                    learning_rate=learning_rate, evals_per_epoch=evals_per_epoch, patience=patience,
-                                   seed=seed, cpu=encoder.device_ == "cpu", progress=progress)
+                                   seed=seed, cpu=encoder.device_ == "cpu", progress=progress, label=label)
+    if not any("eval_val_ndcg@10" in h for h in state.log_history):
+        # the batch sampler can run out of distinct pairs before the first scheduled validation
+        before = evaluator.seconds
+        found = evaluator(trainer.model)
+        base_eval_seconds += evaluator.seconds - before  # after training: not part of its time
+        state.log_history.append({"step": state.global_step, "epoch": state.epoch,
+                                  **{f"eval_{k}": v for k, v in found.items()}})
     best = max((h for h in state.log_history if "eval_val_ndcg@10" in h), key=lambda h: h["eval_val_ndcg@10"])
     epochs_run = float(state.epoch or epochs)
-    train_minutes = (seconds - evaluator.seconds) / 60
+    val_seconds = evaluator.seconds - base_eval_seconds
+    train_minutes = (seconds - val_seconds) / 60
     per_epoch = train_minutes / max(epochs_run, 1e-9)
     log(f"trained {epochs_run:.2f} epoch(s) in {seconds / 60:.1f} min ({per_epoch:.1f} min/epoch without the "
-        f"{evaluator.seconds / 60:.1f} min of validation); best validation NDCG@10 {best['eval_val_ndcg@10']:.4f} "
+        f"{val_seconds / 60:.1f} min of validation); best validation NDCG@10 {best['eval_val_ndcg@10']:.4f} "
         f"at step {best['step']} (base {base_metrics['val_ndcg@10']:.4f})")
 
+    step(f"saving to {folder}")
     manifest = {
         "kind": MANIFEST_KIND,
+        **({"build_key": build_key, "built_by": BUILT_BY} if build_key is not None else {}),
         "base_model": encoder.model,
         "encoder_params": stage_to_spec(encoder)["params"],
         "item_text": item_text,
@@ -442,14 +516,14 @@ def train_encoder(
                      "min_positive": min_positive, "max_negative": max_negative, "mine_depth": mine_depth,
                      "margin": margin, "train_pairs": n_train, "available_pairs": n_pairs, "negatives": counts,
                      "seed": seed, "device": encoder.device_, "minutes": seconds / 60,
-                     "minutes_per_epoch": per_epoch, "validation_minutes": evaluator.seconds / 60},
+                     "minutes_per_epoch": per_epoch, "validation_minutes": val_seconds / 60},
         "validation": {"items": len(evaluator.item_texts), "queries": len(evaluator.queries),
                        "base_ndcg@10": base_metrics["val_ndcg@10"], "base_recall@100": base_metrics["val_recall@100"],
                        "ndcg@10": best["eval_val_ndcg@10"], "recall@100": best.get("eval_val_recall@100"),
                        "history": [{k: h[k] for k in ("step", "epoch", "eval_val_ndcg@10", "eval_val_recall@100")
                                     if k in h} for h in state.log_history if "eval_val_ndcg@10" in h]},
     }
-    _save(trainer.model, folder, manifest)
+    _save(trainer.model, folder, manifest, replace=replace)
     log(f"wrote {folder}")
     return EncoderTrainingResult(
         folder=folder, base_val_ndcg=base_metrics["val_ndcg@10"], val_ndcg=best["eval_val_ndcg@10"],
@@ -459,7 +533,8 @@ def train_encoder(
     )
 
 
-def _fit(model, cols, evaluator, *, epochs, batch_size, learning_rate, evals_per_epoch, patience, seed, cpu, progress):
+def _fit(model, cols, evaluator, *, epochs, batch_size, learning_rate, evals_per_epoch, patience, seed, cpu, progress,
+         label=""):
     """Run ``SentenceTransformerTrainer``; returns (trainer with the best model loaded, seconds, state)."""
     import math
 
@@ -468,6 +543,7 @@ def _fit(model, cols, evaluator, *, epochs, batch_size, learning_rate, evals_per
     from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import EarlyStoppingCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.utils import logging as hf_logging
 
     steps_per_epoch = max(1, len(cols["anchor"]) // batch_size)
@@ -489,6 +565,17 @@ def _fit(model, cols, evaluator, *, epochs, batch_size, learning_rate, evals_per
             loss=MultipleNegativesRankingLoss(model), evaluator=evaluator,
             callbacks=[EarlyStoppingCallback(early_stopping_patience=patience)],
         )
+        if progress:  # the same bar, named after the stage and step
+            class NamedProgress(ProgressCallback):
+                def on_train_begin(self, args, state, control, **kwargs):
+                    super().on_train_begin(args, state, control, **kwargs)
+                    if getattr(self, "training_bar", None) is not None:
+                        self.training_bar.set_description(f"{label}fine-tuning")
+
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(NamedProgress())
+        else:  # quiet: no loss dicts printed either
+            trainer.remove_callback(PrinterCallback)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_warning()
         start = time.perf_counter()
@@ -499,8 +586,9 @@ def _fit(model, cols, evaluator, *, epochs, batch_size, learning_rate, evals_per
         return trainer, time.perf_counter() - start, trainer.state
 
 
-def _save(model, folder: Path, manifest: dict) -> None:
-    """Write the model aside, check it holds no pickle, add the manifest, rename it into place."""
+def _save(model, folder: Path, manifest: dict, *, replace: bool = False) -> None:
+    """Write the model aside, check it holds no pickle, add the manifest, rename it into place
+    (with ``replace``, the folder there is renamed away first and removed after)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     tmp.chmod(0o755)
@@ -514,10 +602,73 @@ def _save(model, folder: Path, manifest: dict) -> None:
             raise ArtifactError(f"encoder save wrote no .safetensors weights to {folder}")
         manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
         write_json_atomic(tmp / MANIFEST, manifest)
-        if folder.exists():
+        old = None
+        if folder.exists() and replace and any(folder.iterdir()):
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(old)
+        elif folder.exists():
             folder.rmdir()  # empty (checked before training)
         tmp.rename(folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+
+
+def encoder_build_key(stage, cfg: PipelineConfig, pipe=None) -> tuple[str, dict[str, Any]]:
+    """``(build key, options)`` of the model ``stage``'s ``train`` table describes: the base model
+    (and its own build key when ``funnel build`` trained it too), the options with their defaults,
+    the item text and holdout split the config gives it, and the SHA-256 of the data files."""
+    from stages.sentence_transformers import check_train_options
+
+    from .artifacts import build_key
+
+    options = check_train_options(stage.train, stage=stage.name)
+    _, _, item_text, holdout = _pipeline_parts(cfg, stage, pipe)
+    base = stage.clone(model=options["base_model"], train=None)
+    catalog, judgments = cfg.data_path("catalog"), cfg.data_path("judgments")
+    for what, path in (("catalog", catalog), ("judgments", judgments)):
+        if not path.is_file():
+            raise DataError(f"stage '{stage.name}': training its model needs the [data] {what} file {path}, "
+                            "which does not exist")
+    key = build_key(stage=stage.name, kind=MANIFEST_KIND, options=options, base_model_key=base.model_build_key(),
+                    item_text=item_text, holdout=list(holdout), catalog=sha256_file(catalog),
+                    judgments=sha256_file(judgments))
+    return key, options
+
+
+def build_encoder(stage, ctx, *, check_only: bool = False) -> str:
+    """``funnel build`` of an encode stage with a ``train`` table: train ``stage.model`` when it is
+    missing, stale (another build key) or ``ctx.force``; keep a folder ``funnel build`` did not
+    write. With ``check_only``, only fail early (missing data, the ``train`` extra) when training
+    is due. Returns the build's one-line summary."""
+    from .artifacts import read_manifest
+    from .extras import require_extra
+
+    folder = stage.resolve_path(stage.model)
+    key, options = encoder_build_key(stage, ctx.config, ctx.pipeline)
+    manifest = read_manifest(folder, what=f"stage '{stage.name}' model") if (folder / MANIFEST).is_file() else None
+    if folder.exists() and not ctx.force and (manifest is None or manifest.get("built_by") != BUILT_BY):
+        if check_only:
+            return ""
+        return (f"{stage.name}: kept {folder}: `funnel build` did not write it (trained by hand or copied in), so it "
+                "is not retrained from the 'train' table; --force retrains it, or remove the folder")
+    if manifest is not None and manifest.get("build_key") == key and not ctx.force:
+        return "" if check_only else f"{stage.name}: up to date ({folder})"
+    why = ("--force" if ctx.force else "missing" if not folder.exists()
+           else "stale: its training data or settings changed")
+    require_extra("train", what=f"`funnel build`: stage '{stage.name}' must train its model {stage.model!r} ({why}) and")
+    if check_only:
+        return ""
+    label = f"{stage.name} [train {Path(stage.model).name}] "
+    ctx.log(f"{stage.name}: training {folder} ({why}) from {options['base_model']!r} on "
+            f"{ctx.config.data_path('judgments').name}: {options['epochs']:g} epoch(s) in {TRAIN_STEPS} steps")
+    result = train_encoder(
+        ctx.config, out=folder, replace=True, build_key=key, stage=stage, base_model=options["base_model"],
+        progress=ctx.progress, log=ctx.log, label=label,
+        **{k: v for k, v in options.items() if k not in ("base_model", "val_items")},
+        val_items=options["val_items"] or None)
+    return (f"{stage.name}: trained {folder} in {result.train_minutes:.1f} min; validation NDCG@10 "
+            f"{result.base_val_ndcg:.4f} (base) -> {result.val_ndcg:.4f}")

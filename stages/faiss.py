@@ -148,8 +148,10 @@ class FaissRecall(Stage):
             raise ConfigError(f"stage '{self.name}' needs an encode stage writing '{self.embedding_column}' before it")
         folder = self.resolve_path(self.index)
         source = ctx.data_path("embeddings" if "embeddings" in ctx.config.data else "catalog")
+        # a model folder `funnel build` trains (encoder `train` table) is part of the key when there is one
+        trained = {"encoder_model": k} if (k := getattr(encoder, "model_build_key", lambda: None)()) else {}
         key = build_key(stage=self.name, factory=self.factory, metric=self.metric, item_text=list(self.item_text),
-                        encoder=key_params(encoder), source=sha256_file(source))
+                        encoder=key_params(encoder), source=sha256_file(source), **trained)
         if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what="index").get("build_key") == key:
             return f"{self.name}: up to date ({folder})"
         if "embeddings" in ctx.config.data:

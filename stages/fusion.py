@@ -126,7 +126,8 @@ class FusedRecall(Stage):
             for i, stage in enumerate(pipe.stages):
                 if hasattr(stage, "build"):
                     sub_up = Pipeline(pipe.stages[:i], inputs=pipe.inputs) if i else None
-                    lines.append(f"[{name}] " + stage.build(sub_up, ctx))
+                    if (line := stage.build(sub_up, ctx)) is not None:
+                        lines.append(f"[{name}] " + line)
         return "\n      ".join(lines) or f"{self.name}: nothing to build"
 
     def warm_up(self) -> None:

@@ -326,5 +326,6 @@ def next_item_training(upstream: Pipeline, ctx: BuildContext, folder: Path) -> t
     for i, stage in enumerate(stages):
         if hasattr(stage, "build"):
             before = Pipeline(stages[:i], inputs=upstream.inputs) if i else None
-            ctx.log("  (ranker training view, logs without each user's last item) " + stage.build(before, sub_ctx))
+            if (line := stage.build(before, sub_ctx)) is not None:
+                ctx.log("  (ranker training view, logs without each user's last item) " + line)
     return queries, judgments, Pipeline(stages, inputs=upstream.inputs)

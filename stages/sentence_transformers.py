@@ -7,23 +7,80 @@ import contextlib
 import itertools
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.columns import QUERY, QUERY_EMBEDDING
-from pipeline.artifacts import MANIFEST, read_verified_manifest
-from pipeline.errors import ArtifactError, ConfigError, DataError
+from pipeline.artifacts import MANIFEST, read_manifest, read_verified_manifest
+from pipeline.errors import BAD_PARAM, ArtifactError, ConfigError, DataError
 from pipeline.schema import EMBEDDING
 from pipeline.stage import Stage, StageTags
 
-__all__ = ["SentenceTransformerEncoder", "DEFAULT_MODEL", "resolve_model"]
+__all__ = ["SentenceTransformerEncoder", "DEFAULT_MODEL", "resolve_model", "TRAIN_OPTIONS", "check_train_options"]
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTIONS = ("auto", "eager", "sdpa")
+
+#: What the encode stage's ``train`` table may hold, with the defaults: the options of
+#: ``funnel train encoder`` (same names and defaults; ``val_items = 0`` is the whole catalog, a
+#: missing ``max_pairs`` every pair) and ``base_model``, the model fine-tuning starts from.
+TRAIN_OPTIONS: dict[str, Any] = {
+    "base_model": DEFAULT_MODEL, "epochs": 1.0, "batch_size": 64, "learning_rate": 5e-5, "max_seq_length": 32,
+    "max_pairs": None, "min_positive": 2.33, "max_negative": 2.0, "mine_depth": 50, "margin": 0.95,
+    "valid_fraction": 0.1, "val_items": 10_000, "evals_per_epoch": 2, "patience": 2, "seed": 0,
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: ``option: (what it must be, check)``; the one place both ``funnel train encoder`` and a
+#: config's ``train`` table are checked against.
+TRAIN_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "base_model": ("a model name or folder (a string)", lambda v: isinstance(v, str) and bool(v.strip())),
+    "epochs": ("a number > 0", lambda v: _number(v) and v > 0),
+    "batch_size": ("an int >= 2", lambda v: _int(v) and v >= 2),
+    "learning_rate": ("a number > 0", lambda v: _number(v) and v > 0),
+    "max_seq_length": ("an int >= 1", lambda v: v is None or (_int(v) and v >= 1)),
+    "max_pairs": ("an int >= 2", lambda v: v is None or (_int(v) and v >= 2)),
+    "min_positive": ("a number", _number),
+    "max_negative": ("a number", _number),
+    "mine_depth": ("an int >= 0", lambda v: _int(v) and v >= 0),
+    "margin": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
+    "valid_fraction": ("a number in (0, 1)", lambda v: _number(v) and 0 < v < 1),
+    "val_items": ("an int >= 0 (0: the whole catalog)", lambda v: v is None or (_int(v) and v >= 0)),
+    "evals_per_epoch": ("an int >= 1", lambda v: _int(v) and v >= 1),
+    "patience": ("an int >= 1", lambda v: _int(v) and v >= 1),
+    "seed": ("an int", _int),
+}
+
+
+def check_train_options(options: dict[str, Any], *, stage: str, prefix: str = "train.") -> dict[str, Any]:
+    """``options`` checked against :data:`TRAIN_CHECKS` and completed with :data:`TRAIN_OPTIONS`
+    (``epochs = 1`` read as ``1.0``, so equal settings give equal build keys); errors use
+    :data:`~pipeline.errors.BAD_PARAM` with the option as ``<prefix><name>``."""
+    if not isinstance(options, dict):
+        raise ConfigError(BAD_PARAM.format(param=prefix.rstrip("."), stage=stage, expected="a table of training "
+                                           f"options ({', '.join(TRAIN_OPTIONS)})", found=options))
+    unknown = sorted(set(options) - set(TRAIN_OPTIONS))
+    if unknown:
+        raise ConfigError(f"stage '{stage}': '{prefix.rstrip('.')}' has no option(s) {', '.join(unknown)}; "
+                          f"its options are: {', '.join(TRAIN_OPTIONS)}")
+    for name, value in options.items():
+        expected, ok = TRAIN_CHECKS[name]
+        if not ok(value):
+            raise ConfigError(BAD_PARAM.format(param=prefix + name, stage=stage, expected=expected, found=value))
+    full = {**TRAIN_OPTIONS, **options}
+    return {k: float(v) if isinstance(TRAIN_OPTIONS[k], float) and v is not None else v for k, v in full.items()}
 
 
 def resolve_model(model: str) -> tuple[str, bool]:
@@ -163,18 +220,33 @@ class SentenceTransformerEncoder(Stage):
     with ``non_blocking``, and the embeddings kept on the GPU until one copy at the end — no
     synchronisation per batch. Its speed against ``SentenceTransformer.encode`` has not been
     measured yet (docs/gpu.md); the CPU path is unchanged.
+
+    ``train`` makes ``model`` an artifact of ``funnel build``: a table of the options of
+    ``funnel train encoder`` (:data:`TRAIN_OPTIONS`; ``base_model`` is where fine-tuning starts,
+    the bundled MiniLM by default) on the config's ``[data] judgments`` and ``catalog``::
+
+        params = { model = "artifacts/encoder/v3", train = { epochs = 1, valid_fraction = 0.05 } }
+
+    ``funnel build`` then trains ``model`` when the folder is missing, or when its build key --
+    base model, options, item text and holdout split (from the recall and ranker stages of the
+    config), and the SHA-256 of both data files -- differs from the one in its manifest, and
+    replaces it in one rename. A folder that ``funnel build`` did not write (trained by hand) is
+    kept unless ``--force``. Indexes and rankers built on the encoder include the model's build
+    key in theirs, so they are rebuilt after it.
     """
 
     name = "encode.sentence_transformers"
     input_schema = pa.schema([pa.field(QUERY, pa.string())])
     output_schema = pa.schema([pa.field(QUERY_EMBEDDING, EMBEDDING)])
     tags = StageTags(devices=("cpu", "cuda"), level="query")
-    same_results_params = ("attention", "compile")
+    # ``train`` says how ``model`` is made; what the stage computes depends on the folder, whose
+    # build key artifacts downstream include (:meth:`model_build_key`), not on the recipe
+    same_results_params = ("attention", "compile", "train")
 
     def __init__(self, model: str = DEFAULT_MODEL, text_column: str = QUERY, output_column: str = QUERY_EMBEDDING,
                  batch_size: int = 64, normalize: bool = True, precision: str = "fp32",
                  max_seq_length: int | None = None, attention: str = "auto", compile: bool = False,
-                 device: str = "auto"):
+                 device: str = "auto", train: dict[str, Any] | None = None):
         self.model = model
         self.text_column = text_column
         self.output_column = output_column
@@ -185,6 +257,7 @@ class SentenceTransformerEncoder(Stage):
         self.attention = attention
         self.compile = compile
         self.device = device
+        self.train = train
 
     def required_columns(self) -> pa.Schema:
         return pa.schema([pa.field(self.text_column, pa.string())])
@@ -204,6 +277,36 @@ class SentenceTransformerEncoder(Stage):
             raise self._bad_param("attention", f"one of {ATTENTIONS}")
         if not isinstance(self.compile, bool):
             raise self._bad_param("compile", "true or false")
+        if self.train is not None:
+            check_train_options(self.train, stage=self.name)
+            if self.model in _BUNDLED:
+                raise self._bad_param("model", "the folder that 'train' writes the fine-tuned model to "
+                                      "(e.g. 'artifacts/encoder/v1'), not the bundled model's name")
+
+    # -- a trained model as an artifact --------------------------------------------------------
+
+    def build(self, upstream, ctx) -> str | None:
+        """Train ``model`` from the ``train`` table when it is missing or stale (see the class docstring);
+        ``None`` (nothing to build) without one."""
+        if self.train is None:
+            return None
+        from pipeline.train_encoder import build_encoder
+
+        return build_encoder(self, ctx)
+
+    def check_build(self, ctx) -> None:
+        """Before any artifact is built: fail now if ``build`` will have to train without the ``train`` extra."""
+        if self.train is not None:
+            from pipeline.train_encoder import build_encoder
+
+            build_encoder(self, ctx, check_only=True)
+
+    def model_build_key(self) -> str | None:
+        """The build key in the manifest of a local model folder (one ``funnel build`` trained), else ``None``."""
+        path, local = resolve_model(self._model_path())
+        if not local or not (Path(path) / MANIFEST).is_file():
+            return None
+        return read_manifest(path, what=f"stage '{self.name}' model {self.model!r}").get("build_key")
 
     def warm_up(self) -> None:
         super().warm_up()
@@ -246,9 +349,15 @@ class SentenceTransformerEncoder(Stage):
                                   f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); set it to false") from exc
 
     def _model_path(self) -> str:
-        """``model``, or the folder it names relative to the config file when that folder exists."""
+        """``model``, or the folder it names relative to the config file when that folder exists
+        (symbolic links followed). A link whose target is missing is an error, not a model name."""
+        written = Path(self.model) if Path(self.model).is_absolute() or self._base_dir is None \
+            else self._base_dir / self.model
+        if written.is_symlink() and not written.exists():
+            raise ArtifactError(f"stage '{self.name}': model folder {written} is a symbolic link to "
+                                f"{os.readlink(written)}, which does not exist")
         if not Path(self.model).is_absolute() and self._base_dir is not None:
-            with contextlib.suppress(ConfigError):
+            with contextlib.suppress(ConfigError):  # "../x" may still be a model name or a folder under the CWD
                 if (local := self.resolve_path(self.model)).is_dir():
                     return str(local)
         return self.model

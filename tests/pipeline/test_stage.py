@@ -96,6 +96,17 @@ def test_relative_paths_cannot_leave_the_config_folder(tmp_path):
         s.resolve_path("../../etc/passwd")
 
 
+def test_a_symbolic_link_inside_the_config_folder_is_followed_wherever_it_points(tmp_path):
+    s = AddOne()
+    s._base_dir = tmp_path / "config"
+    (tmp_path / "shared" / "v1").mkdir(parents=True)
+    (tmp_path / "config" / "artifacts").mkdir(parents=True)
+    (tmp_path / "config" / "artifacts" / "v1").symlink_to(tmp_path / "shared" / "v1", target_is_directory=True)
+    assert s.resolve_path("artifacts/v1") == (tmp_path / "shared" / "v1").resolve()
+    with pytest.raises(ConfigError, match="leaves the config folder"):  # the written path is what is checked
+        s.resolve_path("artifacts/v1/../../../shared/v1")
+
+
 def test_recordbatch_input_is_accepted():
     batch = pa.RecordBatch.from_pydict({"query_id": [1], "x": [5]})
     assert AddOne()(batch).column("y").to_pylist() == [6]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,9 @@ from pipeline.build import build_artifacts
 from pipeline.cli import main
 from pipeline.config import PipelineConfig, load_config
 from pipeline.data import holdout_mask
-from pipeline.train_encoder import MANIFEST_KIND, PICKLE_SUFFIXES, next_version_dir, split_queries
+from pipeline.extras import MISSING_EXTRA
+from pipeline.train_encoder import (BUILT_BY, MANIFEST_KIND, PICKLE_SUFFIXES, TRAIN_STEPS, next_version_dir,
+                                    split_queries)
 
 
 def _config(root: Path, model: str = "all-MiniLM-L6-v2", index: str = "artifacts/index") -> Path:
@@ -142,3 +148,162 @@ def test_a_changed_model_file_is_refused(trained, tmp_path):
     with pytest.raises(ArtifactError, match="tokenizer_config.json is corrupted or was changed"):
         SentenceTransformerEncoder(model=str(copy)).warm_up()
 
+
+
+# -- issue 15: `funnel build` trains the encoder a config declares; prerequisites first ----------
+
+TINY_TRAIN = {"epochs": 1, "batch_size": 16, "max_pairs": 32, "valid_fraction": 0.3, "val_items": 0,
+              "evals_per_epoch": 1, "mine_depth": 0}
+
+
+def _funnel(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The `funnel` command as a user types it (the script next to this Python), in a subprocess."""
+    script = Path(sys.executable).with_name("funnel")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    return subprocess.run([*cmd, *args], env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=900)
+
+
+def _trainable_config(root: Path, train: dict, name: str = "build.toml") -> Path:
+    path = root / name
+    PipelineConfig(
+        name="build-encoder-test", inputs={"query_id": "any", "query": "string"},
+        data={"catalog": "data/catalog.parquet", "judgments": "data/judgments.parquet"},
+        stages=[{"type": "encode.sentence_transformers", "params": {"model": "artifacts/encoder/v1", "train": train}},
+                {"type": "recall.faiss", "params": {"index": "artifacts/index", "k": 20, "item_text": ["title", "brand"]}},
+                {"type": "display.topn", "params": {"n": 10}}],
+    ).save(path)
+    return path
+
+
+#: Run at start-up (``sitecustomize`` on PYTHONPATH): every import finder treats `datasets` (module
+#: and distribution metadata) as not installed, as in an environment without the train extra (a
+#: shadow package that raises would still be *found*, and libraries probing for it would import it).
+_WITHOUT_DATASETS = """
+import sys
+
+
+class _Without:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        return None if name.split(".")[0] == "datasets" else self.inner.find_spec(name, path, target)
+
+    def find_distributions(self, *args, **kwargs):  # its metadata too: libraries probe that instead
+        find = getattr(self.inner, "find_distributions", None)
+        return [] if find is None else [d for d in find(*args, **kwargs) if (d.name or "").lower() != "datasets"]
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+sys.meta_path[:] = [_Without(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
+"""
+
+
+@pytest.fixture
+def without_datasets(tmp_path):
+    """Environment for a `funnel` in which `datasets` is not installed (the train extra missing)."""
+    folder = tmp_path / "no-train-extra"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(_WITHOUT_DATASETS)
+    return {"PYTHONPATH": str(folder)}
+
+
+def test_train_encoder_without_the_train_extra_stops_before_any_work(tmp_path, without_datasets):
+    config = _config(tmp_path)  # no data at all: the check comes before anything is read
+    started = time.perf_counter()
+    result = _funnel("train", "encoder", str(config), "--quiet", env=without_datasets)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == "funnel: error: " + MISSING_EXTRA.format(
+        what="`funnel train encoder`", missing="datasets", extra="train")
+    assert 'pip install -e ".[train]"' in lines[0] and "pip install 'funnel-rank[train]'" in lines[0]
+    assert time.perf_counter() - started < 120  # seconds of start-up, not minutes of work
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_build_that_must_train_without_the_train_extra_stops_before_any_artifact(tmp_path, without_datasets):
+    from pipeline.demo_data import generate_demo_data
+
+    generate_demo_data(tmp_path / "data", n_items=40, n_queries=10, seed=3)
+    config = _trainable_config(tmp_path, TINY_TRAIN)
+    result = _funnel("build", str(config), "--quiet", env=without_datasets)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("funnel: error: `funnel build`: stage 'encode.sentence_transformers' must train "
+                                    "its model 'artifacts/encoder/v1' (missing) and needs the optional package(s) "
+                                    "datasets (the 'train' extra)")
+    assert not (tmp_path / "artifacts").exists() and result.stdout == ""
+
+
+@pytest.mark.slow
+def test_funnel_build_trains_the_encoder_when_missing_or_stale_and_keeps_it_otherwise(tmp_path):
+    from pipeline.demo_data import generate_demo_data
+
+    generate_demo_data(tmp_path / "data", n_items=120, n_queries=80, seed=4)
+    config = _trainable_config(tmp_path, TINY_TRAIN)
+    folder, index = tmp_path / "artifacts" / "encoder" / "v1", tmp_path / "artifacts" / "index"
+
+    first = _funnel("build", str(config), "--quiet")
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = first.stdout
+    # what is built is said before it starts, and every step names the stage
+    assert f"encode.sentence_transformers: training {folder} (missing) from 'all-MiniLM-L6-v2'" in out
+    assert out.index("training") < out.index("step 1/5")
+    for step in range(1, TRAIN_STEPS + 1):
+        assert f"encode.sentence_transformers [train v1] step {step}/{TRAIN_STEPS}: " in out
+    assert f"encode.sentence_transformers: trained {folder}" in out and "recall.faiss: indexed 120 items" in out
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["built_by"] == BUILT_BY and manifest["training"]["train_pairs"] == 32
+    assert not [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    index_key = json.loads((index / "manifest.json").read_text())["build_key"]
+
+    again: list[str] = []  # (in this process: the CLI prints these same lines)
+    build_artifacts(load_config(config), progress=False, log=again.append)
+    assert again == [f"encode.sentence_transformers: up to date ({folder})", f"recall.faiss: up to date ({index})"]
+
+    _trainable_config(tmp_path, {**TINY_TRAIN, "seed": 1})  # other settings: the model and its index are stale
+    stale = _funnel("build", str(config), "--quiet")
+    assert stale.returncode == 0, stale.stderr[-3000:]
+    assert f"training {folder} (stale: its training data or settings changed)" in stale.stdout
+    assert "recall.faiss: indexed 120 items" in stale.stdout
+    renewed = json.loads((folder / "manifest.json").read_text())
+    assert renewed["build_key"] != manifest["build_key"] and renewed["training"]["seed"] == 1
+    assert json.loads((index / "manifest.json").read_text())["build_key"] != index_key
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary or old folder left
+
+
+@pytest.mark.slow
+def test_build_keeps_a_model_trained_by_hand(trained):
+    from pipeline.build import BuildContext
+    from pipeline.train_encoder import build_encoder
+
+    root, _ = trained
+    cfg = load_config(_trainable_config(root, TINY_TRAIN, name="hand.toml"))
+    stage = cfg.build().stages[0]
+    before = (root / "artifacts" / "encoder" / "v1" / "manifest.json").read_text()
+    line = build_encoder(stage, BuildContext(cfg, progress=False, log=lambda m: None))
+    assert "kept" in line and "did not write it" in line and "--force retrains it" in line
+    assert (root / "artifacts" / "encoder" / "v1" / "manifest.json").read_text() == before
+
+
+def test_the_encoder_build_key_follows_data_settings_and_split_only(tmp_path):
+    from pipeline.demo_data import generate_demo_data
+    from pipeline.train_encoder import encoder_build_key
+
+    generate_demo_data(tmp_path / "data", n_items=40, n_queries=10, seed=3)
+
+    def key(train: dict, **stage_params) -> str:
+        cfg = load_config(_trainable_config(tmp_path, train))
+        cfg.stages[0]["params"].update(stage_params)
+        return encoder_build_key(cfg.build().stages[0], cfg)[0]
+
+    base = key({"epochs": 1})
+    assert key({"epochs": 1.0}) == base and key({}) == base  # defaults and 1 == 1.0
+    assert key({"epochs": 1}, batch_size=8, precision="bf16") == base  # how the stage runs, not how it trains
+    assert key({"epochs": 2}) != base and key({"seed": 1}) != base
+    assert key({"base_model": "sentence-transformers/all-MiniLM-L6-v2"}) != base
+    judgments = tmp_path / "data" / "judgments.parquet"
+    pq.write_table(pq.read_table(judgments).slice(1), judgments)
+    assert key({"epochs": 1}) != base

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401 -- pa.parquet
 import pytest
 
 from pipeline import ArtifactError, ConfigError, DataError
@@ -192,3 +193,83 @@ def test_prefetch_keeps_order_runs_ahead_and_reraises():
     stream = prefetch(lambda i: i, range(100), depth=2)
     assert next(stream) == 0
     stream.close()  # cancels what was not started, without hanging
+
+
+def _funnel(*args: str, cwd=None) -> "subprocess.CompletedProcess[str]":
+    """The `funnel` command as a user types it (the script next to this Python), in a subprocess."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("funnel")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_model_folder_that_is_a_symbolic_link_is_followed_through_the_cli(tmp_path):
+    """Issue 15: `model = "models/minilm"`, a link to a folder outside the config's, was "not found"."""
+    from pipeline.config import PipelineConfig
+    from pipeline.demo_data import generate_demo_data
+
+    generate_demo_data(tmp_path / "data", n_items=60, n_queries=10, seed=2)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "minilm").symlink_to(resolve_model("all-MiniLM-L6-v2")[0], target_is_directory=True)
+    config = tmp_path / "linked.toml"
+    PipelineConfig(name="linked", inputs={"query_id": "any", "query": "string"}, data={"catalog": "data/catalog.parquet"},
+                   stages=[{"type": "encode.sentence_transformers", "params": {"model": "models/minilm"}},
+                           {"type": "recall.faiss", "params": {"index": "artifacts/index", "k": 5}},
+                           {"type": "display.topn", "params": {"n": 5}}]).save(config)
+    built = _funnel("build", str(config), "--quiet", cwd=tmp_path.parent)  # not the config's folder
+    assert built.returncode == 0, built.stderr[-2000:]
+    ran = _funnel("run", str(config), "-q", str(tmp_path / "data" / "queries.parquet"), "-o", str(tmp_path / "out.parquet"),
+                  "--quiet", cwd=tmp_path.parent)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert pa.parquet.read_table(tmp_path / "out.parquet").num_rows == 10 * 5
+
+
+def test_a_broken_symbolic_link_is_named_with_its_target(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "gone").symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    stage = SentenceTransformerEncoder(model="models/gone")
+    stage._base_dir = tmp_path
+    with pytest.raises(ArtifactError, match=r"models/gone is a symbolic link to .*nowhere, which does not exist"):
+        stage.warm_up()
+
+
+def test_train_table_is_checked_when_the_pipeline_is_built():
+    from pipeline.errors import BAD_PARAM
+    from stages.sentence_transformers import TRAIN_CHECKS
+
+    def stage(**train):
+        return SentenceTransformerEncoder(model="artifacts/encoder/v1", train=train)
+
+    stage(epochs=2, valid_fraction=0.05, val_items=0).validate_params()
+    with pytest.raises(ConfigError, match="'train' has no option.*epoch.*its options are: base_model, epochs"):
+        stage(epoch=2).validate_params()
+    with pytest.raises(ConfigError) as err:
+        stage(valid_fraction=1.5).validate_params()
+    assert str(err.value) == BAD_PARAM.format(param="train.valid_fraction", stage="encode.sentence_transformers",
+                                              expected=TRAIN_CHECKS["valid_fraction"][0], found=1.5)
+    with pytest.raises(ConfigError, match="'model' parameter .* must be the folder that 'train' writes"):
+        SentenceTransformerEncoder(train={}).validate_params()
+
+
+def test_train_options_are_the_options_of_funnel_train_encoder():
+    import inspect
+
+    from pipeline.cli import train_encoder as command
+    from pipeline.train_encoder import train_encoder
+    from stages.sentence_transformers import TRAIN_CHECKS, TRAIN_OPTIONS
+
+    defaults = {n: p.default for n, p in inspect.signature(train_encoder).parameters.items()}
+    assert set(TRAIN_CHECKS) == set(TRAIN_OPTIONS)
+    for name, value in TRAIN_OPTIONS.items():
+        if name != "base_model":
+            assert defaults[name] == value, name
+    cli = {p.name: p.default if isinstance(p.default, (int, float)) else None for p in command.params}
+    for name, value in TRAIN_OPTIONS.items():
+        if name in cli:  # every option but base_model, max_negative and margin is one of the command's
+            assert cli[name] == value, name
+    assert set(TRAIN_OPTIONS) - set(cli) == {"base_model", "max_negative", "margin"}
