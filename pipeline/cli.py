@@ -339,7 +339,9 @@ def run(config: Path, queries: Path, out: Path, top: int | None, device: str | N
                    f"{summary.lock}); nothing to do (--overwrite to run again)")
         return
     resumed = f", resumed after {summary.resumed_units} of {summary.units} shards" if summary.resumed_units else ""
-    if summary.load_seconds:
+    if not summary.processed:
+        timing = "no query to run"
+    elif summary.load_seconds:
         timing = (f"loading {summary.load_seconds:.1f} s, then {summary.processed} queries in "
                   f"{summary.seconds - summary.load_seconds:.1f} s: {summary.queries_per_s:.1f} queries/s")
     else:  # the Ray engine loads models inside its actors: start-up is in the time

@@ -742,7 +742,7 @@ def run_to_parquet(pipe: Pipeline, queries: str | Path, out: str | Path, *, batc
             summary.load_seconds = time.perf_counter() - t_load
             schema = job.output_schema()
         with tqdm(total=job.input.rows, initial=job.done_queries, desc="queries", unit="q", smoothing=0.1,
-                  disable=not progress) as bar:
+                  disable=not progress or not job.todo()) as bar:
             for unit in job.todo():
                 part, tmp = layout.part(unit.index), layout.tmp(layout.part(unit.index))
                 rejected: list[pa.Table] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -12,7 +13,7 @@ import pyarrow as pa
 
 from pipeline.columns import QUERY, QUERY_EMBEDDING
 from pipeline.artifacts import MANIFEST, read_verified_manifest
-from pipeline.errors import ArtifactError, ConfigError, DataError
+from pipeline.errors import ArtifactError, ConfigError, DataError, FunnelWarning
 from pipeline.schema import EMBEDDING
 from pipeline.stage import Stage, StageTags
 
@@ -21,6 +22,11 @@ __all__ = ["SentenceTransformerEncoder", "DEFAULT_MODEL", "resolve_model"]
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: share of a batch's query tokens unknown to the model's vocabulary above which the stage warns
+UNKNOWN_SHARE_WARN = 0.5
+UNKNOWN_TOKENS = ("stage '{stage}': {share:.0%} of the tokens of a batch of {rows} queries are unknown to model "
+                  "{model!r} (e.g. {example!r}), so their embeddings are nearly identical and their results "
+                  "unrelated items; use a model that covers their language or script (warned once per run)")
 ATTENTIONS = ("auto", "eager", "sdpa")
 
 
@@ -75,6 +81,20 @@ def length_batches(lengths: np.ndarray, batch_size: int, call_cost: float = CALL
         end = start[end]
     bounds = [0] + cuts[::-1]
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _unknown_tokens(features: dict, unk_id: int | None, special: list[int]) -> tuple[int, int]:
+    """``(unknown, total)`` tokens of a tokenised batch: those mapped to the unknown token, and
+    all but padding and the markers ([CLS], [SEP] ...). Cheap: the ids are still on the CPU."""
+    import torch
+
+    ids = features.get("input_ids")
+    if unk_id is None or not isinstance(ids, torch.Tensor):
+        return 0, 0
+    mask = features["attention_mask"].bool() if "attention_mask" in features else torch.ones_like(ids, dtype=torch.bool)
+    unknown = int(((ids == unk_id) & mask).sum())
+    words = int((mask & ~torch.isin(ids, torch.tensor(special, dtype=ids.dtype))).sum())  # special includes [UNK]
+    return unknown, unknown + words
 
 
 def _compile_transformers(model) -> None:
@@ -212,12 +232,20 @@ class SentenceTransformerEncoder(Stage):
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device_, dtype=dtype)
 
-    def encode_texts(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
-        """``(len(texts), dim)`` float32 embeddings; used by the stage and by index builds."""
+    def encode_texts(self, texts: Sequence[str], *, progress: bool = False, desc: str | None = None) -> np.ndarray:
+        """``(len(texts), dim)`` float32 embeddings; used by the stage and by index builds.
+
+        ``desc`` labels the progress bar (default: the stage name).
+        """
+        return self._encode(texts, progress=progress, desc=desc)[0]
+
+    def _encode(self, texts: Sequence[str], *, progress: bool = False,
+                desc: str | None = None) -> tuple[np.ndarray, int, int]:
+        """Embeddings, plus the tokens the tokenizer mapped to its unknown token and all real tokens."""
         if not self.is_warm or getattr(self, "model_", None) is None:
             self.warm_up()
         if len(texts) == 0:
-            return np.zeros((0, self.dim_), dtype=np.float32)
+            return np.zeros((0, self.dim_), dtype=np.float32), 0, 0
         import torch
         from sentence_transformers.util import batch_to_device
         from tqdm.auto import tqdm
@@ -225,21 +253,26 @@ class SentenceTransformerEncoder(Stage):
         model, texts = self.model_, list(texts)
         prompt = model.prompts.get(model.default_prompt_name) if getattr(model, "default_prompt_name", None) else None
         out = np.empty((len(texts), self.dim_), dtype=np.float32)
+        tokenizer = getattr(model, "tokenizer", None)
+        unk_id, special = getattr(tokenizer, "unk_token_id", None), list(getattr(tokenizer, "all_special_ids", []))
+        unknown = total = 0
         with torch.inference_mode(), self._autocast():
-            for rows in tqdm(length_batches(self._token_counts(texts), self.batch_size), desc="Batches",
-                             disable=not progress):
+            for rows in tqdm(length_batches(self._token_counts(texts), self.batch_size), desc=desc or self.name,
+                             unit="batch", disable=not progress):
                 batch = [texts[i] for i in rows]
                 if self.compile and len(batch) == 1:  # torch.compile specialises size 1: reuse the dynamic graph
                     batch = batch * 2
                 features = model.preprocess(batch, prompt=prompt) if hasattr(model, "preprocess") else \
                     model.tokenize([prompt + t for t in batch] if prompt else batch)  # sentence-transformers < 6
+                counts = _unknown_tokens(features, unk_id, special)
+                unknown, total = unknown + counts[0], total + counts[1]
                 emb = model(batch_to_device(features, model.device))["sentence_embedding"].float()
                 if getattr(model, "truncate_dim", None):
                     emb = emb[:, :model.truncate_dim]
                 if self.normalize:
                     emb = torch.nn.functional.normalize(emb, p=2, dim=1)
                 out[rows] = emb[:len(rows)].cpu().numpy()
-        return out
+        return out, unknown, total
 
     def _token_counts(self, texts: list[str]) -> np.ndarray:
         """Tokens per text (characters when the model has no text tokenizer)."""
@@ -271,7 +304,13 @@ class SentenceTransformerEncoder(Stage):
                 f"stage '{self.name}': column '{self.text_column}' has {col.null_count} null text value(s); "
                 "drop or fill them before encoding"
             )
-        emb = self.encode_texts(col.to_pylist())
+        texts = col.to_pylist()
+        emb, unknown, total = self._encode(texts)
+        if total and unknown / total > UNKNOWN_SHARE_WARN and not getattr(self, "_warned_unknown", False):
+            self._warned_unknown = True
+            example = next((t for t in texts if t and t.strip()), "")
+            warnings.warn(UNKNOWN_TOKENS.format(stage=self.name, share=unknown / total, rows=len(texts),
+                                                model=self.model, example=example[:40]), FunnelWarning, stacklevel=2)
         values = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), self.dim_)
         if self.output_column in table.column_names:
             table = table.drop_columns([self.output_column])
