@@ -622,4 +622,4 @@ def config_check(path: Path) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="funnel")
