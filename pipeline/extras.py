@@ -10,19 +10,16 @@ any output folder is made, instead of an ``ImportError`` halfway through::
     # funnel: error: --engine ray needs ray.data, which is not installed (extra 'ray'):
     #     pip install -e "/home/me/funnel[ray]"
 
-The install command follows how funnel-rank itself was installed: from a clone (editable or a
-local folder) it names that folder, otherwise the package on PyPI. Modules are looked up with
+The install command follows where funnel-rank runs from: in a clone (an editable install) it
+names that folder (``.`` from inside it), otherwise the package on PyPI. Modules are looked up with
 :func:`importlib.util.find_spec`, so nothing heavy is imported by the check itself.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-from importlib import metadata
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import unquote, urlparse
 
 from .errors import MISSING_EXTRA, DependencyError
 
@@ -45,17 +42,13 @@ def missing_modules(modules: Sequence[str]) -> list[str]:
 
 
 def install_command(extra: str) -> str:
-    """``pip install`` of funnel-rank with ``extra``, from where funnel-rank was installed."""
-    try:
-        dist = metadata.distribution(DISTRIBUTION)
-        direct = json.loads(dist.read_text("direct_url.json") or "null")
-    except (metadata.PackageNotFoundError, OSError, ValueError):
-        direct = None
-    if isinstance(direct, dict) and str(direct.get("url", "")).startswith("file:"):
-        path = Path(unquote(urlparse(direct["url"]).path))
-        shown = "." if path == Path.cwd() else str(path)
-        editable = "-e " if (direct.get("dir_info") or {}).get("editable") else ""
-        return f'pip install {editable}"{shown}[{extra}]"'
+    """``pip install`` of funnel-rank with ``extra``: from the clone this code runs from (an
+    editable install), else from PyPI."""
+    root = Path(__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and f'name = "{DISTRIBUTION}"' in pyproject.read_text(encoding="utf-8", errors="replace"):
+        shown = "." if root == Path.cwd().resolve() else str(root)
+        return f'pip install -e "{shown}[{extra}]"'
     return f'pip install "{DISTRIBUTION}[{extra}]"'
 
 

@@ -149,3 +149,25 @@ def test_length_batches_are_the_cheapest_cuts():
                    for k in range(n) for cut in itertools.combinations(range(1, n), k)
                    if all(b - a <= batch_size for a, b in zip((0,) + cut, cut + (n,))))
         assert _padded_cost(lengths, batches, call_cost) == best
+
+
+def test_queries_mostly_unknown_to_the_vocabulary_warn_once(encoder):
+    import warnings
+
+    from pipeline.errors import FunnelWarning
+
+    fresh = SentenceTransformerEncoder(batch_size=2)
+    fresh.model_, fresh.dim_, fresh.device_ = encoder.model_, encoder.dim_, encoder.device_  # share the loaded model
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fresh(pa.table({"query": ["cordless drill", "garden hose"]}))  # English: no warning
+        assert not seen
+        fresh(pa.table({"query": ["无线电钻", "锤子", "สว่านไร้สาย"]}))  # Chinese and Thai: [UNK] for MiniLM
+        fresh(pa.table({"query": ["无线电钻"]}))  # once per stage, not once per batch
+    assert [w.category for w in seen] == [FunnelWarning]
+    assert "are unknown to model 'all-MiniLM-L6-v2'" in str(seen[0].message)
+
+
+def test_the_progress_bar_is_labelled(encoder, capsys):
+    encoder.encode_texts(TEXTS, progress=True, desc="recall.faiss index idx: encode items")
+    assert "recall.faiss index idx: encode items" in capsys.readouterr().err
