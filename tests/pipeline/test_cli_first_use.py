@@ -53,11 +53,13 @@ def shop(demo_shop, tmp_path_factory):
     config = (demo_shop / "pipeline.toml").read_text()
     assert ENCODE in config and "n = 10\n" in config
     shop = SimpleNamespace(dir=root, config=demo_shop / "pipeline.toml", broken=demo_shop / "first-use-broken.toml",
-                           top3=demo_shop / "first-use-top3.toml", zh=root / "thai-zh.parquet", empty=root / "empty.parquet")
+                           top3=demo_shop / "first-use-top3.toml", zh=root / "thai-zh.parquet",
+                           empty=root / "empty.parquet")
     # fails in warm_up on every machine (fp16 needs CUDA), after the output was prepared
     shop.broken.write_text(config.replace(ENCODE, ENCODE + 'precision = "fp16"\ndevice = "cpu"\n', 1))
     shop.top3.write_text(config.replace("n = 10\n", "n = 3\n", 1))
-    pq.write_table(pa.table({"query_id": [1, 2, 3], "query": ["无线电钻", "锤子", "สว่านไร้สาย"]}), shop.zh)
+    pq.write_table(pa.table({"query_id": [1, 2, 3], "query": ["无线电钻", "锤子", "สว่านไร้สาย"]}),  # Chinese, Thai
+                   shop.zh)
     pq.write_table(pa.table({"query_id": pa.array([], pa.int64()), "query": pa.array([], pa.string())}), shop.empty)
     return shop
 

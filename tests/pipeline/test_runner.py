@@ -214,3 +214,17 @@ def test_cli_run_reports_resume_state_and_rejects_ray_options_without_ray(demo_s
     assert lock.exit_code == 2 and "does not match lock file" in lock.output
     usage = CliRunner().invoke(main, args + ["--address", "auto"])
     assert usage.exit_code == 2 and "--engine ray" in usage.output
+
+
+def test_empty_queries_warn_and_load_nothing(demo_shop, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import FunnelWarning
+
+    queries = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"query_id": pa.array([], pa.int64()), "query": pa.array([], pa.string())}), queries)
+    pipe = load_config(demo_shop / "pipeline.toml").build()
+    with pytest.warns(FunnelWarning, match="have no rows: writing an empty output without loading the pipeline"):
+        summary = run_to_parquet(pipe, queries, tmp_path / "out.parquet", progress=False)
+    assert not any(stage.is_warm for stage in pipe.stages)
+    assert summary.queries == 0 and summary.load_seconds == 0 and lock_file(tmp_path / "out.parquet").exists()
+    assert pq.read_metadata(tmp_path / "out.parquet").num_rows == 0
