@@ -134,14 +134,17 @@ def _progress(quiet: bool) -> bool:
     return not quiet
 
 
-def _check_device(device: str | None) -> None:
-    """``--device cuda`` on a machine without CUDA fails before any work, not after the first model loaded."""
-    if device == "cuda":
-        from .device import cuda_available
+def _check_device(device: str | None, pipe=None) -> None:
+    """``--device cuda``, or a stage of ``pipe`` configured with ``device = "cuda"``, on a machine
+    without CUDA fails before any work, not after the first model loaded."""
+    from .device import cuda_available, resolve_device
 
-        if not cuda_available():
-            raise DeviceError("--device cuda: torch sees no CUDA device (a CPU-only torch, or no GPU visible); "
-                              "use --device cpu or --device auto")
+    if device == "cuda" and not cuda_available():
+        raise DeviceError("--device cuda: torch sees no CUDA device (a CPU-only torch, or no GPU visible); "
+                          "use --device cpu or --device auto")
+    for stage in pipe.stages if pipe is not None else ():
+        if getattr(stage, "device", None) == "cuda":
+            resolve_device("cuda", stage=stage.name, supported=stage.tags.devices)  # the error warm_up would raise
 
 
 VERSION_HELP = ("Artifact version: replaces {version} in the config's artifact paths (default: [pipeline] version). "
@@ -319,6 +322,7 @@ def run(config: Path, queries: Path, out: Path, top: int | None, device: str | N
     _check_device(device)
     cfg = _load(config, version)
     pipe = cfg.build().with_device(device)
+    _check_device(None, pipe)
     if top is not None:
         pipe = pipe.with_top(top)
     if explain is not None:
