@@ -148,7 +148,7 @@ class FaissRecall(Stage):
             _check_text_columns(catalog, self.item_text, where=f"catalog file {source}", stage=self.name)
             ctx.log(f"{self.name}: encoding {catalog.num_rows} catalog items ({', '.join(self.item_text)}) with "
                     f"{encoder.model} for the index {folder} ...")
-            label = {"desc": f"{self.name} index {folder.name}: encode items"} \
+            label = {"desc": f"{self.name} {'/'.join(folder.parts[-2:])}: encoding items"} \
                 if "desc" in inspect.signature(encoder.encode_texts).parameters else {}  # a plug-in encoder may lack it
             ids, embeddings = catalog.column(ITEM_ID), encoder.encode_texts(
                 _item_texts(catalog, self.item_text), progress=ctx.progress, **label)

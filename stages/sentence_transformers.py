@@ -256,9 +256,9 @@ class SentenceTransformerEncoder(Stage):
         tokenizer = getattr(model, "tokenizer", None)
         unk_id, special = getattr(tokenizer, "unk_token_id", None), list(getattr(tokenizer, "all_special_ids", []))
         unknown = total = 0
-        with torch.inference_mode(), self._autocast():
-            for rows in tqdm(length_batches(self._token_counts(texts), self.batch_size), desc=desc or self.name,
-                             unit="batch", disable=not progress):
+        with torch.inference_mode(), self._autocast(), \
+                tqdm(total=len(texts), desc=desc or self.name, unit="text", disable=not progress) as bar:
+            for rows in length_batches(self._token_counts(texts), self.batch_size):
                 batch = [texts[i] for i in rows]
                 if self.compile and len(batch) == 1:  # torch.compile specialises size 1: reuse the dynamic graph
                     batch = batch * 2
@@ -272,6 +272,7 @@ class SentenceTransformerEncoder(Stage):
                 if self.normalize:
                     emb = torch.nn.functional.normalize(emb, p=2, dim=1)
                 out[rows] = emb[:len(rows)].cpu().numpy()
+                bar.update(len(rows))
         return out, unknown, total
 
     def _token_counts(self, texts: list[str]) -> np.ndarray:

@@ -169,5 +169,6 @@ def test_queries_mostly_unknown_to_the_vocabulary_warn_once(encoder):
 
 
 def test_the_progress_bar_is_labelled(encoder, capsys):
-    encoder.encode_texts(TEXTS, progress=True, desc="recall.faiss index idx: encode items")
-    assert "recall.faiss index idx: encode items" in capsys.readouterr().err
+    encoder.encode_texts(TEXTS, progress=True, desc="recall.faiss artifacts/index: encoding items")
+    err = capsys.readouterr().err
+    assert "recall.faiss artifacts/index: encoding items" in err and "5/5" in err
