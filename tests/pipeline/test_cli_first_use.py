@@ -167,3 +167,21 @@ def test_a_missing_extra_is_named_before_any_work(shop, tmp_path):
     assert line.startswith("funnel: error: --engine ray needs ray, ray.data, which are not installed (extra 'ray'): "
                            "pip install ") and '[ray]"' in line, line
     assert not out.exists()
+
+
+def test_build_says_what_it_encodes_before_it_starts_and_labels_the_bar(tmp_path):
+    pq.write_table(pa.table({"item_id": list(range(20)), "title": [f"cordless drill model {i}" for i in range(20)]}),
+                   tmp_path / "catalog.parquet")
+    (tmp_path / "tiny.toml").write_text(
+        '[pipeline]\nname = "tiny"\n\n[data]\ncatalog = "catalog.parquet"\n\n'
+        '[[stages]]\ntype = "encode.sentence_transformers"\n\n'
+        '[[stages]]\ntype = "recall.faiss"\n\n[stages.params]\nindex = "artifacts/index"\nfactory = "Flat"\n'
+        'item_text = ["title"]\n')
+    proc = funnel("build", tmp_path / "tiny.toml")
+    assert proc.returncode == 0, proc.stderr
+    announced, done = proc.stdout.splitlines()
+    assert announced == (f"recall.faiss: encoding 20 catalog items (title) with all-MiniLM-L6-v2 for the index "
+                         f"{tmp_path / 'artifacts' / 'index'} ...")
+    assert done.startswith("recall.faiss: indexed 20 items")
+    bar = proc.stderr.replace("\r", "\n")
+    assert "recall.faiss artifacts/index: encoding items: 100%" in bar and "20/20" in bar and "Batches" not in bar
