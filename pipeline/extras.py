@@ -41,9 +41,11 @@ def missing_modules(modules: Sequence[str]) -> list[str]:
     return missing
 
 
-def install_command(extra: str) -> str:
-    """``pip install`` of funnel-rank with ``extra``: from the clone this code runs from (an
-    editable install), else from PyPI."""
+def install_command(extra: str, distribution: str = DISTRIBUTION) -> str:
+    """``pip install`` of ``distribution`` with ``extra``; for funnel-rank, from the clone this code
+    runs from (an editable install) when it runs from one, else from PyPI."""
+    if distribution != DISTRIBUTION:
+        return f'pip install "{distribution}[{extra}]"'
     root = Path(__file__).resolve().parents[1]
     pyproject = root / "pyproject.toml"
     if pyproject.is_file() and f'name = "{DISTRIBUTION}"' in pyproject.read_text(encoding="utf-8", errors="replace"):
@@ -52,15 +54,16 @@ def install_command(extra: str) -> str:
     return f'pip install "{DISTRIBUTION}[{extra}]"'
 
 
-def require_extra(extra: str, modules: Sequence[str], *, needed_by: str) -> None:
+def require_extra(extra: str, modules: Sequence[str], *, needed_by: str, distribution: str = DISTRIBUTION) -> None:
     """Raise :class:`~pipeline.errors.DependencyError` unless every module of ``modules`` imports.
 
     ``extra`` is the optional-dependency group of pyproject.toml that provides them and
     ``needed_by`` what needs them (``"--engine ray"``, ``"funnel train encoder"``); both appear
-    in the message together with the install command (:func:`install_command`).
+    in the message together with the install command (:func:`install_command`). A plug-in passes
+    its own ``distribution`` (its extras are its own).
     """
     missing = missing_modules(modules)
     if missing:
         raise DependencyError(MISSING_EXTRA.format(needed_by=needed_by, modules=", ".join(missing),
                                                    verb="is" if len(missing) == 1 else "are", extra=extra,
-                                                   command=install_command(extra)))
+                                                   command=install_command(extra, distribution)))

@@ -27,3 +27,9 @@ def test_the_install_command_follows_how_funnel_was_installed():
     command = install_command("ray")
     # this checkout is installed editable, so the command names its folder (or "." from inside it)
     assert command.startswith('pip install -e "') and command.endswith('[ray]"'), command
+
+
+def test_a_plug_in_names_its_own_distribution():
+    with pytest.raises(DependencyError, match=r"extra 'fast'\): pip install \"my-funnel-stages\[fast\]\"$"):
+        require_extra("fast", ["funnel_no_such_module"], needed_by="stage 'filter.fast'",
+                      distribution="my-funnel-stages")
