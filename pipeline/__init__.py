@@ -28,8 +28,11 @@ Registry
     ``ENTRY_POINT_GROUP`` (``"funnel.stages"``, the entry-point group plug-ins declare).
 Errors
     ``FunnelError`` and its subclasses ``SchemaError``, ``ConfigError``, ``ArtifactError``,
-    ``DataError``, ``DeviceError``; the message templates ``MISSING_COLUMN``, ``WRONG_TYPE``
-    and ``BAD_PARAM`` (what ``Stage._bad_param`` fills in).
+    ``DataError``, ``DeviceError``, ``DependencyError``; the message templates ``MISSING_COLUMN``,
+    ``WRONG_TYPE``, ``BAD_PARAM`` (what ``Stage._bad_param`` fills in) and ``MISSING_EXTRA``;
+    ``require_extra`` (check a stage's or command's optional packages first, naming the extra
+    and its ``pip install``); ``FunnelWarning`` (input that runs but probably not as meant; the
+    command line prints it as one ``funnel: warning:`` line).
 Version
     ``__version__``.
 """
@@ -53,14 +56,18 @@ from .device import cuda_available, resolve_device
 from .errors import (
     BAD_PARAM,
     MISSING_COLUMN,
+    MISSING_EXTRA,
     WRONG_TYPE,
     ArtifactError,
     ConfigError,
     DataError,
+    DependencyError,
     DeviceError,
     FunnelError,
+    FunnelWarning,
     SchemaError,
 )
+from .extras import require_extra
 from .registry import ENTRY_POINT_GROUP, available_stages, get_stage_class, register_stage
 from .schema import ANY, EMBEDDING, keep_input_types
 from .stage import Pipeline, Stage, StageStats, StageTags
@@ -74,7 +81,7 @@ __all__ = [
     "RECALL_RANK", "RELEVANCE",
     "Pipeline", "StageStats", "PipelineConfig", "load_config",
     "register_stage", "get_stage_class", "available_stages", "ENTRY_POINT_GROUP",
-    "FunnelError", "SchemaError", "ConfigError", "ArtifactError", "DataError", "DeviceError",
-    "MISSING_COLUMN", "WRONG_TYPE", "BAD_PARAM",
+    "FunnelError", "SchemaError", "ConfigError", "ArtifactError", "DataError", "DeviceError", "DependencyError",
+    "MISSING_COLUMN", "WRONG_TYPE", "BAD_PARAM", "MISSING_EXTRA", "require_extra", "FunnelWarning",
     "__version__",
 ]

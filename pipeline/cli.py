@@ -10,16 +10,25 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
-from .errors import FunnelError
+from .errors import DeviceError, FunnelError, FunnelWarning
 
 DEVICE_CHOICE = click.Choice(["cpu", "cuda", "auto"])
 
 
 class _Group(click.Group):
+    """The top-level group: every failure becomes one ``funnel: error:`` line (see the module docstring)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as exc:
+            raise _shown_on_one_line(exc)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -28,16 +37,48 @@ class _Group(click.Group):
                 raise
             click.echo(f"funnel: error: {_one_line(exc)}", err=True)
             sys.exit(2)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except click.ClickException as exc:  # a bad option or argument: click's usage errors
+            raise _shown_on_one_line(exc)
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except OSError as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            if exc.filename is None:
+                raise _bug(exc)
+            # a file or folder the user named cannot be read or written (a path under /proc, no permission ...)
+            path = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else exc.filename
+            click.echo(f"funnel: error: cannot use {path}: {exc.strerror or type(exc).__name__} "
+                       "(run with --debug for the traceback)", err=True)
+            sys.exit(2)
         except Exception as exc:  # an unexpected failure: one line, the traceback with --debug
             if (ctx.obj or {}).get("debug"):
                 raise
-            click.echo(f"funnel: error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)", err=True)
-            sys.exit(1)
+            raise _bug(exc)
 
 
-def _one_line(exc: BaseException) -> str:
+def _bug(exc: BaseException) -> SystemExit:
+    click.echo(f"funnel: error: {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)", err=True)
+    return SystemExit(1)
+
+
+def _shown_on_one_line(exc: click.ClickException) -> click.ClickException:
+    """``exc`` printed as one ``funnel: error:`` line naming the command and pointing at its ``--help``,
+    instead of click's usage block (its exit status stays: 2 for usage errors)."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # a bare `funnel train`: the help is the answer
+        return exc
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "funnel"
+
+    def show(file=None) -> None:
+        click.echo(f"funnel: error: {command}: {_one_line(exc.format_message())} (see '{command} --help')",
+                   file=file, err=file is None)
+
+    exc.show = show
+    return exc
+
+
+def _one_line(exc: BaseException | str) -> str:
     """The message on one line (library errors quoted inside ours may span several).
 
     Flushes stdout first, so the error is the last line even when stdout is a buffered pipe.
@@ -57,12 +98,53 @@ def main(ctx: click.Context, debug: bool) -> None:
     config (see examples/).
     """
     ctx.ensure_object(dict)["debug"] = debug
+    warnings.showwarning = _show_warning
     # torch, faiss and LightGBM each bring an OpenMP thread pool; with the default (active) wait
     # policy the idle pool of one stage spins on the cores the next stage needs. Passive waiting
     # took the Home Depot pipeline from 316 to 436 queries/s on 2 cores (docs/benchmarks.md).
     # Read when the runtimes load, i.e. before the first stage imports torch or faiss; a value
     # set by the user wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+_library_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Funnel's own warnings as one ``funnel: warning:`` line; other libraries' as Python prints them."""
+    if issubclass(category, FunnelWarning):
+        click.echo(f"funnel: warning: {_one_line(str(message))}", err=True)
+    else:
+        _library_showwarning(message, category, filename, lineno, file, line)
+
+
+def _progress(quiet: bool) -> bool:
+    """``progress`` for a command's ``--quiet``; quiet also silences the libraries' own bars
+    (transformers' "Loading weights", Hugging Face downloads)."""
+    if quiet:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub and transformers load
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+    return not quiet
+
+
+def _check_device(device: str | None, pipe=None) -> None:
+    """``--device cuda``, or a stage of ``pipe`` configured with ``device = "cuda"``, on a machine
+    without CUDA fails before any work, not after the first model loaded."""
+    from .device import cuda_available, resolve_device
+
+    if device == "cuda" and not cuda_available():
+        raise DeviceError("--device cuda: torch sees no CUDA device (a CPU-only torch, or no GPU visible); "
+                          "use --device cpu or --device auto")
+    for stage in pipe.stages if pipe is not None else ():
+        if getattr(stage, "device", None) == "cuda":
+            resolve_device("cuda", stage=stage.name, supported=stage.tags.devices)  # the error warm_up would raise
 
 
 VERSION_HELP = ("Artifact version: replaces {version} in the config's artifact paths (default: [pipeline] version). "
@@ -103,7 +185,7 @@ def build(config: Path, force: bool, logs: Path | None, version: str | None, qui
     """
     from .build import build_artifacts
 
-    build_artifacts(_load(config, version, logs), force=force, progress=not quiet)
+    build_artifacts(_load(config, version, logs), force=force, progress=_progress(quiet))
 
 
 @main.group()
@@ -127,8 +209,8 @@ def train_ranker(config: Path, force: bool, version: str | None, quiet: bool) ->
     cfg = _load(config, version)
     if not any(s.name.startswith("rank.") for s in cfg.build().stages):
         raise click.UsageError(f"{config} has no rank.* stage")
-    build_artifacts(cfg, progress=not quiet, only=lambda s: not s.name.startswith("rank."))
-    build_artifacts(cfg, force=force, progress=not quiet, only=lambda s: s.name.startswith("rank."))
+    build_artifacts(cfg, progress=_progress(quiet), only=lambda s: not s.name.startswith("rank."))
+    build_artifacts(cfg, force=force, progress=_progress(quiet), only=lambda s: s.name.startswith("rank."))
 
 
 @train.command("encoder")
@@ -178,9 +260,9 @@ def train_encoder(config: Path, out: Path | None, epochs: float, device: str | N
     `params = { model = "artifacts/encoder/v1", train = { epochs = 1 } }`.
     """
     from .config import load_config
-    from .extras import require_extra
+    from .extras import TRAIN_MODULES, require_extra
 
-    require_extra("train", what="`funnel train encoder`")
+    require_extra("train", TRAIN_MODULES, needed_by="funnel train encoder")
     from .train_encoder import train_encoder as train
 
     cfg = load_config(config)
@@ -241,13 +323,19 @@ def run(config: Path, queries: Path, out: Path, top: int | None, device: str | N
     """
     if engine == "local" and (address is not None or actors is not None):
         raise click.UsageError("--address and --actors need --engine ray")
+    if engine == "ray":
+        from .extras import require_extra
+
+        require_extra("ray", ["ray", "ray.data"], needed_by="--engine ray")
+    _check_device(device)
     cfg = _load(config, version)
     pipe = cfg.build().with_device(device)
+    _check_device(None, pipe)
     if top is not None:
         pipe = pipe.with_top(top)
     if explain is not None:
         pipe = _with_explain(pipe, explain)
-    common = dict(batch_size=batch_size or cfg.batch_size or 256, progress=not quiet, strict=strict,
+    common = dict(batch_size=batch_size or cfg.batch_size or 256, progress=_progress(quiet), strict=strict,
                   shard_rows=shard_rows, overwrite=overwrite, skip_bad_shards=skip_bad_shards, lock=lock,
                   name=cfg.name, inputs=cfg.inputs)
     if engine == "ray":
@@ -263,9 +351,15 @@ def run(config: Path, queries: Path, out: Path, top: int | None, device: str | N
                    f"{summary.lock}); nothing to do (--overwrite to run again)")
         return
     resumed = f", resumed after {summary.resumed_units} of {summary.units} shards" if summary.resumed_units else ""
+    if not summary.processed:
+        timing = "no query to run"
+    elif summary.load_seconds:
+        timing = (f"loading {summary.load_seconds:.1f} s, then {summary.processed} queries in "
+                  f"{summary.seconds - summary.load_seconds:.1f} s: {summary.queries_per_s:.1f} queries/s")
+    else:  # the Ray engine loads models inside its actors: start-up is in the time
+        timing = f"{summary.queries_per_s:.1f} queries/s including start-up"
     click.echo(f"wrote {summary.rows} rows for {summary.queries} queries to {summary.out} with the {summary.engine} "
-               f"engine in {summary.seconds:.1f} s ({summary.processed / max(summary.seconds, 1e-9):.1f} queries/s"
-               f"{resumed}); lock: {summary.lock}")
+               f"engine in {summary.seconds:.1f} s ({timing}{resumed}); lock: {summary.lock}")
     if summary.quarantined:
         click.echo(f"quarantined {summary.quarantined} row(s) that could not be processed: {summary.quarantine}")
     if summary.bad_shards:
@@ -470,7 +564,9 @@ def demo(workdir: Path, items: int, queries: int, seed: int, device: str | None,
     """
     from .demo import run_demo
 
-    run_demo(workdir, n_items=items, n_queries=queries, seed=seed, device=device, progress=not quiet, echo=click.echo)
+    _check_device(device)
+    run_demo(workdir, n_items=items, n_queries=queries, seed=seed, device=device, progress=_progress(quiet),
+             echo=click.echo)
 
 
 @main.command()
@@ -515,7 +611,10 @@ def bench(config: Path, queries: Path, judgments: Path | None, out: Path, device
     Compare timings only within one report: other load on the machine shifts them all.
     """
     from .bench import BenchOptions, parse_override, run_bench
+    from .extras import require_extra
 
+    require_extra("bench", ["matplotlib"], needed_by="funnel bench (its plots)")
+    _check_device(device)
     params: dict[str, dict] = {}
     for text in overrides:
         stage, param, value = parse_override(text)
@@ -523,7 +622,7 @@ def bench(config: Path, queries: Path, judgments: Path | None, out: Path, device
     options = BenchOptions(queries=queries, out=out, judgments=judgments, device=device, repeats=repeats,
                            warmup=warmup, batch_size=batch_size, top=top, max_queries=max_queries, bare=bare,
                            encoder_texts=encoder_texts, sweep=sweep, ann_size=ann_size, ann_dim=ann_dim,
-                           threads=threads, overrides=params or None, progress=not quiet)
+                           threads=threads, overrides=params or None, progress=_progress(quiet))
     report = run_bench(config, options, echo=click.echo)
     e, o = report["end_to_end"], report.get("overhead") or {}
     line = f"{e['queries']} queries: {e['queries_per_s']:.1f} queries/s, p50 {e['p50_ms']:.1f} ms per batch of {e['batch_size']}"
@@ -576,4 +675,4 @@ def config_check(path: Path) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="funnel")

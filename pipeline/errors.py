@@ -15,9 +15,12 @@ __all__ = [
     "ArtifactError",
     "DataError",
     "DeviceError",
+    "DependencyError",
+    "FunnelWarning",
     "MISSING_COLUMN",
     "WRONG_TYPE",
     "BAD_PARAM",
+    "MISSING_EXTRA",
 ]
 
 #: A stage needs a column that is not there.
@@ -26,6 +29,8 @@ MISSING_COLUMN = "stage '{stage}' needs column '{column}' ({type}) but {where} h
 WRONG_TYPE = "stage '{stage}' needs column '{column}' of type {expected} but {where} gives {found}"
 #: A parameter is out of range or of the wrong kind (scikit-learn's template).
 BAD_PARAM = "the '{param}' parameter of stage '{stage}' must be {expected}; got {found!r} instead"
+#: An optional dependency is not installed (see :func:`pipeline.extras.require_extra`).
+MISSING_EXTRA = "{needed_by} needs {modules}, which {verb} not installed (extra '{extra}'): {command}"
 
 
 class FunnelError(Exception):
@@ -53,3 +58,14 @@ class DataError(FunnelError, ValueError):
 
 class DeviceError(FunnelError):
     """The requested device is not available or not supported by a stage."""
+
+
+class DependencyError(FunnelError):
+    """An optional dependency a command or stage needs is not installed (names the extra to install)."""
+
+
+class FunnelWarning(UserWarning):
+    """Input that runs but probably not as meant (an empty queries file, text the model cannot read).
+
+    Issued with :func:`warnings.warn`; the command line prints each as one ``funnel: warning:`` line.
+    """

@@ -1,35 +1,72 @@
-"""Optional dependencies: check them before the work that needs them, and name the install command.
+"""Optional dependencies: check a command's extras before it does any work.
 
-Funnel's core installs what every pipeline needs; some commands need an *extra* (``train``:
-``datasets`` and ``accelerate`` for fine-tuning an encoder). Without it they used to run for
-minutes and then fail on an import deep inside a library. :func:`require_extra` imports the
-modules up front and raises one :class:`~pipeline.errors.ConfigError` naming what is missing,
-the extra and both ways to install it (from a checkout and from PyPI).
+Some commands need packages that a plain ``pip install funnel-rank`` does not bring: the Ray
+engine (extra ``ray``), the encoder trainer (``train``: datasets, accelerate), the benchmark's
+comparisons (``bench``). A command calls :func:`require_extra` first thing, so a missing package
+is one line naming the extra and the command that installs it — before any model is loaded or
+any output folder is made, instead of an ``ImportError`` halfway through::
+
+    require_extra("ray", ["ray", "ray.data"], needed_by="--engine ray")
+    # funnel: error: --engine ray needs ray.data, which is not installed (extra 'ray'):
+    #     pip install -e "/home/me/funnel[ray]"
+
+The install command follows where funnel-rank runs from: in a clone (an editable install) it
+names that folder (``.`` from inside it), otherwise the package on PyPI. Modules are looked up with
+:func:`importlib.util.find_spec`, so nothing heavy is imported by the check itself.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
+from pathlib import Path
+from typing import Sequence
 
-from .errors import ConfigError
+from .errors import MISSING_EXTRA, DependencyError
 
-__all__ = ["EXTRAS", "MISSING_EXTRA", "require_extra"]
+__all__ = ["require_extra", "missing_modules", "install_command"]
 
-#: The modules each extra of ``pyproject.toml`` provides that Funnel checks for.
-EXTRAS: dict[str, tuple[str, ...]] = {"train": ("datasets", "accelerate")}
+DISTRIBUTION = "funnel-rank"
 
-MISSING_EXTRA = ("{what} needs the optional package(s) {missing} (the '{extra}' extra), which cannot be imported "
-                 "here; install them with `pip install -e \".[{extra}]\"` in a Funnel checkout, or "
-                 "`pip install 'funnel-rank[{extra}]'`")
+#: What the ``train`` extra brings that encoder fine-tuning imports (sentence-transformers' trainer).
+TRAIN_MODULES = ("datasets", "accelerate")
 
 
-def require_extra(extra: str, *, what: str) -> None:
-    """Raise :class:`ConfigError` (:data:`MISSING_EXTRA`) unless every module of ``EXTRAS[extra]`` imports."""
+def missing_modules(modules: Sequence[str]) -> list[str]:
+    """The modules of ``modules`` that cannot be imported (a dotted name needs its parents)."""
     missing = []
-    for module in EXTRAS[extra]:
+    for name in modules:
         try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            missing.append(module if getattr(exc, "name", None) in (None, module) else f"{module} ({exc})")
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package is missing or broken
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def install_command(extra: str, distribution: str = DISTRIBUTION) -> str:
+    """``pip install`` of ``distribution`` with ``extra``; for funnel-rank, from the clone this code
+    runs from (an editable install) when it runs from one, else from PyPI."""
+    if distribution != DISTRIBUTION:
+        return f'pip install "{distribution}[{extra}]"'
+    root = Path(__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and f'name = "{DISTRIBUTION}"' in pyproject.read_text(encoding="utf-8", errors="replace"):
+        shown = "." if root == Path.cwd().resolve() else str(root)
+        return f'pip install -e "{shown}[{extra}]"'
+    return f'pip install "{DISTRIBUTION}[{extra}]"'
+
+
+def require_extra(extra: str, modules: Sequence[str], *, needed_by: str, distribution: str = DISTRIBUTION) -> None:
+    """Raise :class:`~pipeline.errors.DependencyError` unless every module of ``modules`` imports.
+
+    ``extra`` is the optional-dependency group of pyproject.toml that provides them and
+    ``needed_by`` what needs them (``"--engine ray"``, ``"funnel train encoder"``); both appear
+    in the message together with the install command (:func:`install_command`). A plug-in passes
+    its own ``distribution`` (its extras are its own).
+    """
+    missing = missing_modules(modules)
     if missing:
-        raise ConfigError(MISSING_EXTRA.format(what=what, missing=", ".join(missing), extra=extra))
+        raise DependencyError(MISSING_EXTRA.format(needed_by=needed_by, modules=", ".join(missing),
+                                                   verb="is" if len(missing) == 1 else "are", extra=extra,
+                                                   command=install_command(extra, distribution)))

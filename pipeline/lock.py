@@ -32,7 +32,6 @@ first and last MiB.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import platform
@@ -45,7 +44,7 @@ from .errors import ConfigError
 from .stage import Pipeline, Stage
 
 __all__ = ["ResolvedPipeline", "resolve_pipeline", "pipeline_toml", "pipeline_devices", "write_lock", "read_lock",
-           "check_lock", "lock_differences", "short_fingerprint", "LOCK_FORMAT"]
+           "check_lock", "lock_differences", "config_differences", "short_fingerprint", "LOCK_FORMAT"]
 
 LOCK_FORMAT = "funnel-lock/1"
 
@@ -197,13 +196,54 @@ def short_fingerprint(artifact: dict[str, Any] | None) -> str:
     return str(artifact.get("build_key") or artifact.get("sha256", "")[:12])
 
 
+def _param_differences(label: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "unset"), new.get(key, "unset")
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):  # a nested table
+            out += _param_differences(f"{label} {key}", a, b)
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) \
+                and all(isinstance(x, dict) for x in a + b):
+            for i, (x, y) in enumerate(zip(a, b), start=1):  # a sub-pipeline (recall.fused)
+                out += _param_differences(f"{label} {key}[{i}]", x, y)
+        else:
+            out.append(f"{label}: {key} {a!r} -> {b!r}")
+    return out
+
+
+def config_differences(old_toml: str, new_toml: str) -> list[str]:
+    """What changed between two normalised pipeline configs, one line per stage parameter.
+
+    ``["stage 2 recall.faiss: k 100 -> 200", "stage 5 rank.lightgbm added"]``: the stage (step
+    number and type), the parameter and both values, so that a refused resume or ``--lock``
+    says *what* differs rather than two hashes. Empty when the configs are equal.
+    """
+    import tomllib
+
+    old, new = tomllib.loads(old_toml or ""), tomllib.loads(new_toml or "")
+    diffs = []
+    a_in, b_in = old.get("pipeline", {}).get("inputs"), new.get("pipeline", {}).get("inputs")
+    if a_in != b_in:
+        diffs.append(f"pipeline inputs {a_in!r} -> {b_in!r}")
+    a_st, b_st = old.get("stages", []), new.get("stages", [])
+    label = lambda i, st: f"stage {i} {st.get('type', '?')}"  # noqa: E731
+    for i, (a, b) in enumerate(zip(a_st, b_st), start=1):
+        if a.get("type") != b.get("type"):
+            diffs.append(f"stage {i}: {a.get('type')} -> {b.get('type')}")
+        else:
+            diffs += _param_differences(label(i, a), a.get("params", {}), b.get("params", {}))
+    diffs += [f"{label(i, st)} removed" for i, st in enumerate(a_st, start=1) if i > len(b_st)]
+    diffs += [f"{label(i, st)} added" for i, st in enumerate(b_st, start=1) if i > len(a_st)]
+    return diffs
+
+
 def lock_differences(lock: dict[str, Any], resolved: ResolvedPipeline) -> list[str]:
     """What differs between a lock and a resolved pipeline, one short line each."""
     diffs = []
     if lock.get("config_hash") != resolved.config_hash:
-        changed = [line for line in difflib.unified_diff(lock.get("config_toml", "").splitlines(),
-                                                         resolved.config_toml.splitlines(), lineterm="", n=0)
-                   if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        changed = config_differences(lock.get("config_toml", ""), resolved.config_toml)
         diffs.append("config: " + ("; ".join(changed[:6]) + (" ..." if len(changed) > 6 else "") if changed
                                    else f"hash {lock.get('config_hash')} != {resolved.config_hash}"))
     old, new = lock.get("artifacts", {}), resolved.artifacts

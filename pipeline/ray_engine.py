@@ -134,10 +134,11 @@ def _base_dir(pipe: Pipeline) -> str | None:
 
 def _init_ray(address: str | None, num_cpus: int | None, runtime_env: dict[str, Any] | None) -> bool:
     """Start or join Ray; ``True`` when this call started it (and should stop it)."""
-    try:
-        import ray
-    except ImportError as exc:
-        raise ConfigError("--engine ray needs Ray Data: pip install 'funnel-rank[ray]' (ray[data]>=2.9)") from exc
+    from .extras import require_extra
+
+    require_extra("ray", ["ray", "ray.data"], needed_by="the Ray engine (--engine ray)")
+    import ray
+
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"runtime_env": runtime_env, "include_dashboard": False, "log_to_driver": True,
@@ -178,6 +179,11 @@ def run_on_ray(pipe: Pipeline, queries: str | Path, out: str | Path, *, address:
                    engine="ray")
     with _held(job):
         if job.prepare():
+            job.summary.seconds = time.perf_counter() - t0
+            return job.summary
+        empty = job.empty_input_schema()
+        if empty is not None:  # no query: no Ray, no model
+            job.finish(empty)
             job.summary.seconds = time.perf_counter() - t0
             return job.summary
         started = _init_ray(address, num_cpus, runtime_env)

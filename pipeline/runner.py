@@ -51,6 +51,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,15 +60,17 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ConfigError, DataError, FunnelError
-from .lock import (ResolvedPipeline, check_lock, pipeline_devices, read_lock, resolve_pipeline, short_fingerprint,
-                   write_lock)
+from .errors import ConfigError, DataError, FunnelError, FunnelWarning
+from .lock import (ResolvedPipeline, check_lock, config_differences, pipeline_devices, read_lock, resolve_pipeline,
+                   short_fingerprint, write_lock)
 from .schema import check_columns
 from .stage import QUARANTINE_SCHEMA, Pipeline, StageStats
 
 __all__ = ["RunSummary", "run_to_parquet", "output_file", "quarantine_file", "lock_file", "QueryInput", "Unit",
            "BatchJob", "scan_queries", "DEFAULT_SHARD_ROWS"]
 
+#: warned when the queries have no row, before any model is loaded
+EMPTY_INPUT = "the queries in {queries} have no rows: writing an empty output without loading the pipeline"
 MANIFEST_NAME = "_funnel_manifest.json"
 MANIFEST_FORMAT = "funnel-run/1"
 PART = "part-{:05d}.parquet"
@@ -82,7 +85,9 @@ class RunSummary:
     """What a run did. ``skipped`` is true when the output was already complete.
 
     ``queries``, ``rows`` and ``quarantined`` count the whole output (units done by earlier,
-    interrupted calls included); ``processed`` counts the queries this call ran.
+    interrupted calls included); ``processed`` counts the queries this call ran. ``seconds`` is
+    the whole call, ``load_seconds`` the part spent loading models and indexes (``warm_up``; 0
+    where the engine loads them elsewhere, as Ray's actors do).
     """
 
     queries: int = 0
@@ -91,6 +96,7 @@ class RunSummary:
     quarantined: int = 0
     quarantine: Path | None = None
     seconds: float = 0.0
+    load_seconds: float = 0.0
     out: Path | None = None
     stages: list[StageStats] = field(default_factory=list)
     engine: str = "local"
@@ -99,6 +105,11 @@ class RunSummary:
     units: int = 0
     bad_shards: list[str] = field(default_factory=list)
     lock: Path | None = None
+
+    @property
+    def queries_per_s(self) -> float:
+        """Throughput of the queries this call ran, model loading left out."""
+        return self.processed / max(self.seconds - self.load_seconds, 1e-9)
 
 
 # -- output layout -----------------------------------------------------------------------------
@@ -370,6 +381,26 @@ def conform_output(result: pa.Table, schema: pa.Schema) -> pa.Table:
         raise DataError(f"pipeline output types changed between batches and cannot be unified: {exc}") from exc
 
 
+def _input_differences(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """Which query shards were added, removed or changed (rows, size or contents)."""
+    old_shards = {s[0]: s[1:] for s in (old or {}).get("shards", [])}
+    new_shards = {s[0]: s[1:] for s in new.get("shards", [])}
+    parts = []
+    for name in sorted(set(old_shards) | set(new_shards)):
+        a, b = old_shards.get(name), new_shards.get(name)
+        if a is None:
+            parts.append(f"{name} added")
+        elif b is None:
+            parts.append(f"{name} removed")
+        elif a[0] != b[0]:
+            parts.append(f"{name}: {a[0]} -> {b[0]} rows")
+        elif a != b:
+            parts.append(f"{name}: contents changed")
+    if not parts:
+        parts.append("the bad shards skipped differ")
+    return "; ".join(parts[:5]) + (f" and {len(parts) - 5} more" if len(parts) > 5 else "")
+
+
 def _round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
@@ -397,28 +428,35 @@ class BatchJob:
         self.summary = RunSummary(out=self.layout.out, engine=engine)
         self.manifest: dict[str, Any] = {}
         self._mutex = None
+        self._made_work = False  # this call created the work folder
+        self._keep = False  # an earlier run's output this call refused to touch
 
     # -- preparing ---------------------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        return {"config_hash": self.resolved.config_hash, "artifacts": self.resolved.artifacts,
-                "input": self.input.fingerprint(), "batch_size": self.batch_size}
+        """What a resumed run must match; ``config_toml`` is kept to say *what* changed, the hash decides."""
+        return {"config_hash": self.resolved.config_hash, "config_toml": self.resolved.config_toml,
+                "artifacts": self.resolved.artifacts, "input": self.input.fingerprint(), "batch_size": self.batch_size}
 
     def _differences(self, old: dict[str, Any]) -> list[str]:
         new, diffs = self.identity(), []
         if old.get("config_hash") != new["config_hash"]:
-            diffs.append(f"the pipeline config changed (config hash {old.get('config_hash')} -> {new['config_hash']})")
+            changed = config_differences(old["config_toml"], new["config_toml"]) if old.get("config_toml") else []
+            diffs.append(f"the pipeline config changed ({'; '.join(changed)})" if changed else
+                         f"the pipeline config changed (config hash {old.get('config_hash')} -> {new['config_hash']})")
         for key in sorted(set(old.get("artifacts", {})) | set(new["artifacts"])):
             a, b = old.get("artifacts", {}).get(key), new["artifacts"].get(key)
             if a != b:
                 diffs.append(f"artifact {key} changed ({short_fingerprint(a)} -> {short_fingerprint(b)})")
         if old.get("input") != new["input"]:
-            diffs.append(f"the queries in {self.queries} changed (shards, rows or contents)")
+            changed = _input_differences(old.get("input"), new["input"])
+            diffs.append(f"the queries in {self.queries} changed ({changed})")
         if old.get("batch_size") != new["batch_size"]:
             diffs.append(f"batch size {old.get('batch_size')} -> {new['batch_size']}")
         return diffs
 
     def _refuse(self, what: str, diffs: list[str]) -> None:
+        self._keep = True
         raise ConfigError(f"{self.layout.out} holds {what} that does not match this one: {'; '.join(diffs)}; "
                           "pass --overwrite to discard it and start over, or write to another --out")
 
@@ -449,8 +487,14 @@ class BatchJob:
         return False
 
     def _acquire(self) -> None:
-        self.layout.work.mkdir(parents=True, exist_ok=True)
-        handle = open(self.layout.work / ".run.pid", "a+")
+        work = self.layout.work
+        try:
+            self._made_work = not work.exists()
+            work.mkdir(parents=True, exist_ok=True)
+            handle = open(work / ".run.pid", "a+")
+        except OSError as exc:  # a path under /proc, a read-only mount, a file where a folder should be ...
+            raise DataError(f"cannot write the output {self.layout.out}: {exc.strerror or exc} "
+                            f"({exc.filename or work})") from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -465,13 +509,23 @@ class BatchJob:
         self._mutex = handle
 
     def release(self) -> None:
+        """Unlock the work folder. A run that failed before its first unit (no GPU, a missing
+        model, a bad option) leaves nothing behind, so the corrected command starts cleanly."""
         if self._mutex is None:
             return
+        started = bool(self.manifest) and not self.manifest.get("done") and not self.manifest.get("complete")
+        if started and not self._keep:
+            self.layout.discard()
         self._mutex.close()
         self._mutex = None
         work = self.layout.work
-        if self.layout.single and work.is_dir() and {p.name for p in work.iterdir()} <= {".run.pid"}:
+        if not work.is_dir() or self._keep:
+            return
+        left = {p.name for p in work.iterdir()}
+        if self.layout.single and left <= {".run.pid"}:
             shutil.rmtree(work, ignore_errors=True)
+        elif started and left <= {".run.pid"}:  # an OUT folder this call filled with nothing
+            shutil.rmtree(work, ignore_errors=True) if self._made_work else (work / ".run.pid").unlink(missing_ok=True)
 
     def _complete(self) -> bool:
         layout = self.layout
@@ -479,7 +533,8 @@ class BatchJob:
         if layout.lock.is_file() and target_there:
             lock = read_lock(layout.lock)
             output = lock.get("output", {})
-            old = {"config_hash": lock.get("config_hash"), "artifacts": lock.get("artifacts", {}),
+            old = {"config_hash": lock.get("config_hash"), "config_toml": lock.get("config_toml"),
+                   "artifacts": lock.get("artifacts", {}),
                    "input": output.get("input"), "batch_size": output.get("batch_size")}
             diffs = self._differences(old)
             if diffs:
@@ -511,10 +566,13 @@ class BatchJob:
                 raise DataError(f"run manifest {layout.manifest} is unreadable ({exc}); "
                                 "pass --overwrite to start over") from exc
             diffs = self._differences(manifest.get("identity", {}))
-            if diffs:
+            if diffs and manifest.get("done"):
                 self._refuse("an unfinished run", diffs)
-            self.manifest = manifest
-        else:
+            if diffs:  # it stopped before its first unit: nothing to lose, start over
+                layout.discard()
+            else:
+                self.manifest = manifest
+        if not self.manifest:
             shard_rows = _round_up(self.shard_rows_arg or DEFAULT_SHARD_ROWS, self.batch_size)
             self.manifest = {"format": MANIFEST_FORMAT, "identity": self.identity(), "engine": self.engine,
                              "shard_rows": shard_rows, "done": {}, "bad_ranges": []}
@@ -554,6 +612,19 @@ class BatchJob:
     def output_schema(self) -> pa.Schema:
         """The schema every output shard gets: the pipeline's output on an empty batch."""
         return self.pipe.run(self.input.schema.empty_table()).schema
+
+    def empty_input_schema(self) -> pa.Schema | None:
+        """When the input has no rows: warn (before any model is loaded) and return the output
+        schema the stages declare, so the run writes an empty output without loading anything.
+        ``None`` when there are rows to run."""
+        if self.input.rows:
+            return None
+        warnings.warn(EMPTY_INPUT.format(queries=self.queries), FunnelWarning, stacklevel=3)
+        schema, where = self.input.schema, f"queries {self.queries}"
+        for i, stage in enumerate(self.pipe.stages, start=1):
+            schema = stage.output_schema_for(schema, where=where)
+            where = f"the output of stage '{stage.name}' (step {i})"
+        return schema
 
     def commit_unit(self, unit: Unit, queries: int, rows: int, quarantined: int, bad: str | None = None) -> None:
         """Record a unit done (its part file is already in place)."""
@@ -618,6 +689,7 @@ class BatchJob:
         self.resolved.devices = pipeline_devices(self.pipe)
         write_lock(layout.lock, self.resolved, output)
         s.lock = layout.lock
+        self.manifest["complete"] = True
         if layout.single:
             shutil.rmtree(layout.work, ignore_errors=True)
         else:
@@ -662,11 +734,15 @@ def run_to_parquet(pipe: Pipeline, queries: str | Path, out: str | Path, *, batc
         if job.prepare():
             job.summary.seconds = time.perf_counter() - t0
             return job.summary
-        pipe.warm_up()
-        schema = job.output_schema()
         summary, layout = job.summary, job.layout
+        schema = job.empty_input_schema()
+        if schema is None:
+            t_load = time.perf_counter()
+            pipe.warm_up()
+            summary.load_seconds = time.perf_counter() - t_load
+            schema = job.output_schema()
         with tqdm(total=job.input.rows, initial=job.done_queries, desc="queries", unit="q", smoothing=0.1,
-                  disable=not progress) as bar:
+                  disable=not progress or not job.todo()) as bar:
             for unit in job.todo():
                 part, tmp = layout.part(unit.index), layout.tmp(layout.part(unit.index))
                 rejected: list[pa.Table] = []

@@ -401,9 +401,9 @@ def train_encoder(
     from stages.faiss import _item_texts  # the index's own item text, so training sees what gets indexed
     from stages.sentence_transformers import TRAIN_OPTIONS, check_train_options
 
-    from .extras import require_extra
+    from .extras import TRAIN_MODULES, require_extra
 
-    require_extra("train", what="training an encoder")
+    require_extra("train", TRAIN_MODULES, needed_by="training an encoder")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     base_dir = (cfg.base_dir or Path.cwd()).resolve()
     folder = Path(out) if out is not None else next_version_dir(base_dir / "artifacts" / "encoder")
@@ -645,7 +645,7 @@ def build_encoder(stage, ctx, *, check_only: bool = False) -> str:
     write. With ``check_only``, only fail early (missing data, the ``train`` extra) when training
     is due. Returns the build's one-line summary."""
     from .artifacts import read_manifest
-    from .extras import require_extra
+    from .extras import TRAIN_MODULES, require_extra
 
     folder = stage.resolve_path(stage.model)
     key, options = encoder_build_key(stage, ctx.config, ctx.pipeline)
@@ -659,7 +659,8 @@ def build_encoder(stage, ctx, *, check_only: bool = False) -> str:
         return "" if check_only else f"{stage.name}: up to date ({folder})"
     why = ("--force" if ctx.force else "missing" if not folder.exists()
            else "stale: its training data or settings changed")
-    require_extra("train", what=f"`funnel build`: stage '{stage.name}' must train its model {stage.model!r} ({why}) and")
+    require_extra("train", TRAIN_MODULES,
+                  needed_by=f"funnel build (stage '{stage.name}' must train its model {stage.model!r}: {why})")
     if check_only:
         return ""
     label = f"{stage.name} [train {Path(stage.model).name}] "

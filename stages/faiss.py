@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -159,8 +161,12 @@ class FaissRecall(Stage):
         else:
             catalog = read_catalog(source, list(self.item_text))
             _check_text_columns(catalog, self.item_text, where=f"catalog file {source}", stage=self.name)
-            ids, embeddings = catalog.column(ITEM_ID), encoder.encode_texts(_item_texts(catalog, self.item_text),
-                                                                            progress=ctx.progress)
+            ctx.log(f"{self.name}: encoding {catalog.num_rows} catalog items ({', '.join(self.item_text)}) with "
+                    f"{encoder.model} for the index {folder} ...")
+            label = {"desc": f"{self.name} {'/'.join(folder.parts[-2:])}: encoding items"} \
+                if "desc" in inspect.signature(encoder.encode_texts).parameters else {}  # a plug-in encoder may lack it
+            ids, embeddings = catalog.column(ITEM_ID), encoder.encode_texts(
+                _item_texts(catalog, self.item_text), progress=ctx.progress, **label)
         index = FaissIndex.build(embeddings, ids, factory=self.factory, metric=self.metric,
                                  normalize=encoder.normalize, encoder=encoder.model)
         index.save(folder, extra={"build_key": key, "item_text": list(self.item_text), "source": str(source)})

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import itertools
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 
 from pipeline.columns import QUERY, QUERY_EMBEDDING
 from pipeline.artifacts import MANIFEST, read_manifest, read_verified_manifest
-from pipeline.errors import BAD_PARAM, ArtifactError, ConfigError, DataError
+from pipeline.errors import BAD_PARAM, ArtifactError, ConfigError, DataError, FunnelWarning
 from pipeline.schema import EMBEDDING
 from pipeline.stage import Stage, StageTags
 
@@ -23,6 +24,11 @@ __all__ = ["SentenceTransformerEncoder", "DEFAULT_MODEL", "resolve_model", "TRAI
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: share of a batch's query tokens unknown to the model's vocabulary above which the stage warns
+UNKNOWN_SHARE_WARN = 0.5
+UNKNOWN_TOKENS = ("stage '{stage}': {share:.0%} of the tokens of a batch of {rows} queries are unknown to model "
+                  "{model!r} (e.g. {example!r}), so their embeddings are nearly identical and their results "
+                  "unrelated items; use a model that covers their language or script (warned once per run)")
 ATTENTIONS = ("auto", "eager", "sdpa")
 
 #: What the encode stage's ``train`` table may hold, with the defaults: the options of
@@ -174,6 +180,20 @@ def prefetch(fn, items, depth: int = PREFETCH_DEPTH):
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _unknown_tokens(features: dict, unk_id: int | None, special: list[int]) -> tuple[int, int]:
+    """``(unknown, total)`` tokens of a tokenised batch: those mapped to the unknown token, and
+    all but padding and the markers ([CLS], [SEP] ...). Cheap: the ids are still on the CPU."""
+    import torch
+
+    ids = features.get("input_ids")
+    if unk_id is None or not isinstance(ids, torch.Tensor):
+        return 0, 0
+    mask = features["attention_mask"].bool() if "attention_mask" in features else torch.ones_like(ids, dtype=torch.bool)
+    unknown = int(((ids == unk_id) & mask).sum())
+    words = int((mask & ~torch.isin(ids, torch.tensor(special, dtype=ids.dtype))).sum())  # special includes [UNK]
+    return unknown, unknown + words
 
 
 def _compile_transformers(model) -> None:
@@ -362,28 +382,43 @@ class SentenceTransformerEncoder(Stage):
                     return str(local)
         return self.model
 
-    def encode_texts(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
-        """``(len(texts), dim)`` float32 embeddings; used by the stage and by index builds."""
+    def encode_texts(self, texts: Sequence[str], *, progress: bool = False, desc: str | None = None) -> np.ndarray:
+        """``(len(texts), dim)`` float32 embeddings; used by the stage and by index builds.
+
+        ``desc`` labels the progress bar (default: the stage name).
+        """
+        return self._encode(texts, progress=progress, desc=desc)[0]
+
+    def _encode(self, texts: Sequence[str], *, progress: bool = False,
+                desc: str | None = None) -> tuple[np.ndarray, int, int]:
+        """Embeddings, plus the tokens the tokenizer mapped to its unknown token and all real tokens."""
         if not self.is_warm or getattr(self, "model_", None) is None:
             self.warm_up()
         if len(texts) == 0:
-            return np.zeros((0, self.dim_), dtype=np.float32)
+            return np.zeros((0, self.dim_), dtype=np.float32), 0, 0
         texts = list(texts)
+        tokenizer = getattr(self.model_, "tokenizer", None)
+        unk = getattr(tokenizer, "unk_token_id", None), list(getattr(tokenizer, "all_special_ids", []))
         if self.device_ == "cuda":
             return self._encode_overlapped(texts, sorted_batches(np.fromiter(map(len, texts), np.int64, len(texts)),
-                                                                 self.batch_size), progress=progress)
+                                                                 self.batch_size), unk, progress=progress, desc=desc)
         import torch
         from sentence_transformers.util import batch_to_device
         from tqdm.auto import tqdm
 
         model = self.model_
         out = np.empty((len(texts), self.dim_), dtype=np.float32)
-        with torch.inference_mode():
-            for rows in tqdm(length_batches(self._token_counts(texts), self.batch_size), desc="Batches",
-                             disable=not progress):
-                emb = self._embed(batch_to_device(self._features(texts, rows), model.device))
+        unknown = total = 0
+        with torch.inference_mode(), \
+                tqdm(total=len(texts), desc=desc or self.name, unit="text", disable=not progress) as bar:
+            for rows in length_batches(self._token_counts(texts), self.batch_size):
+                features = self._features(texts, rows)
+                counts = _unknown_tokens(features, *unk)
+                unknown, total = unknown + counts[0], total + counts[1]
+                emb = self._embed(batch_to_device(features, model.device))
                 out[rows] = emb[:len(rows)].cpu().numpy()
-        return out
+                bar.update(len(rows))
+        return out, unknown, total
 
     def _features(self, texts: list[str], rows: np.ndarray) -> dict:
         """The model's input tensors for ``texts[rows]`` (tokenised, padded to the longest)."""
@@ -408,7 +443,8 @@ class SentenceTransformerEncoder(Stage):
             emb = torch.nn.functional.normalize(emb, p=2, dim=1)
         return emb
 
-    def _encode_overlapped(self, texts: list[str], batches: list[np.ndarray], *, progress: bool = False) -> np.ndarray:
+    def _encode_overlapped(self, texts: list[str], batches: list[np.ndarray], unk: tuple[int | None, list[int]], *,
+                           progress: bool = False, desc: str | None = None) -> tuple[np.ndarray, int, int]:
         """:meth:`encode_texts` for a GPU: tokenisation of the next batches in a background
         thread (:func:`prefetch`), pinned host tensors copied ``non_blocking``, embeddings
         written into one device tensor and copied to the host once. Runs on a CPU too (no
@@ -421,19 +457,23 @@ class SentenceTransformerEncoder(Stage):
 
         def prepare(rows):
             features = self._features(texts, rows)
+            counts = _unknown_tokens(features, *unk)
             if pin:
                 features = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-            return rows, features
+            return rows, features, counts
 
         out = torch.empty((len(texts), self.dim_), dtype=torch.float32, device=device)
-        with torch.inference_mode(), tqdm(total=len(batches), desc="Batches", disable=not progress) as bar:
-            for rows, features in prefetch(prepare, batches):
+        unknown = total = 0
+        with torch.inference_mode(), \
+                tqdm(total=len(texts), desc=desc or self.name, unit="text", disable=not progress) as bar:
+            for rows, features, counts in prefetch(prepare, batches):
+                unknown, total = unknown + counts[0], total + counts[1]
                 features = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                             for k, v in features.items()}
                 emb = self._embed(features)[:len(rows)]
                 out.index_copy_(0, torch.from_numpy(rows).to(device, non_blocking=True), emb)
-                bar.update()
-        return out.cpu().numpy()
+                bar.update(len(rows))
+        return out.cpu().numpy(), unknown, total
 
     def _token_counts(self, texts: list[str]) -> np.ndarray:
         """Tokens per text (characters when the model has no text tokenizer)."""
@@ -465,7 +505,13 @@ class SentenceTransformerEncoder(Stage):
                 f"stage '{self.name}': column '{self.text_column}' has {col.null_count} null text value(s); "
                 "drop or fill them before encoding"
             )
-        emb = self.encode_texts(col.to_pylist())
+        texts = col.to_pylist()
+        emb, unknown, total = self._encode(texts)
+        if total and unknown / total > UNKNOWN_SHARE_WARN and not getattr(self, "_warned_unknown", False):
+            self._warned_unknown = True
+            example = next((t for t in texts if t and t.strip()), "")
+            warnings.warn(UNKNOWN_TOKENS.format(stage=self.name, share=unknown / total, rows=len(texts),
+                                                model=self.model, example=example[:40]), FunnelWarning, stacklevel=2)
         values = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), self.dim_)
         if self.output_column in table.column_names:
             table = table.drop_columns([self.output_column])

@@ -152,7 +152,9 @@ class UserVectorRecall(Stage):
         if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what="index").get("build_key") == key:
             return f"{self.name}: up to date ({folder})"
         catalog = read_catalog(catalog_path, list(self.item_text))
-        embeddings = self._encoder().encode_texts(_item_texts(catalog, self.item_text), progress=ctx.progress)
+        ctx.log(f"{self.name}: encoding {catalog.num_rows} catalog items with {self.model} for the index {folder} ...")
+        embeddings = self._encoder().encode_texts(_item_texts(catalog, self.item_text), progress=ctx.progress,
+                                                  desc=f"{self.name} {'/'.join(folder.parts[-2:])}: encoding items")
         index = FaissIndex.build(embeddings, catalog.column(ITEM_ID), factory=self.factory, metric="ip",
                                  normalize=True, encoder=self.model)
         index.save(folder, extra={"build_key": key, "item_text": list(self.item_text), "source": str(catalog_path)})

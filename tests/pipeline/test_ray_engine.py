@@ -104,3 +104,18 @@ def test_a_stage_error_inside_an_actor_reaches_the_user_as_the_funnel_error():
     assert isinstance(error, DataError) and str(error).startswith("stage 'encode.sentence_transformers': column")
     other = _explain(RuntimeError("File \"x.py\"\nValueError: bad thing\nray.exceptions.RayError: wrapped"))
     assert str(other) == "a Ray actor failed: ValueError: bad thing"
+
+
+def test_empty_queries_start_no_ray(demo_shop, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import FunnelWarning
+    from pipeline.ray_engine import run_on_ray
+
+    queries = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"query_id": pa.array([], pa.int64()), "query": pa.array([], pa.string())}), queries)
+    pipe = load_config(demo_shop / "pipeline.toml").build()
+    was_running = ray.is_initialized()
+    with pytest.warns(FunnelWarning, match="have no rows"):
+        summary = run_on_ray(pipe, queries, tmp_path / "out")
+    assert ray.is_initialized() == was_running and not any(stage.is_warm for stage in pipe.stages)
+    assert summary.queries == 0 and lock_file(tmp_path / "out").exists()

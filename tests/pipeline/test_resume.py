@@ -83,15 +83,45 @@ def test_a_crash_while_finishing_is_completed_by_the_next_run(demo_pipeline, que
 
 
 def test_resuming_with_another_batch_size_is_refused(demo_pipeline, queries, tmp_path):
-    out = tmp_path / "out"
+    out, seen = tmp_path / "out", []
+
+    def stop_on_second_batch(step, table):
+        if step == 0:
+            seen.append(table.num_rows)
+            if len(seen) == 2:
+                raise Boom
+
+    with pytest.raises(Boom):
+        run_to_parquet(demo_pipeline, queries, out, batch_size=4, shard_rows=4, progress=False,
+                       observer=stop_on_second_batch)
+    with pytest.raises(Exception, match=r"holds an unfinished run that does not match this one: batch size 4 -> 8"):
+        run_to_parquet(demo_pipeline, queries, out, batch_size=8, progress=False)
+
+
+@pytest.mark.parametrize("out_name", ["out", "out.parquet"])
+def test_a_run_that_fails_before_its_first_unit_leaves_nothing(demo_pipeline, queries, tmp_path, out_name):
+    """Nothing to resume, so nothing to refuse: the next command, changed or not, starts cleanly."""
+    out = tmp_path / out_name
 
     def stop(step, table):
         raise Boom
 
     with pytest.raises(Boom):
         run_to_parquet(demo_pipeline, queries, out, batch_size=4, progress=False, observer=stop)
-    with pytest.raises(Exception, match=r"holds an unfinished run that does not match this one: batch size 4 -> 8"):
-        run_to_parquet(demo_pipeline, queries, out, batch_size=8, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    summary = run_to_parquet(demo_pipeline, queries, out, batch_size=8, progress=False)
+    assert summary.queries == 48 and not summary.resumed_units
+
+
+def test_an_unfinished_run_without_a_unit_done_is_replaced_not_refused(demo_pipeline, queries, tmp_path):
+    """A manifest with no unit done (the process was killed before its first commit) holds nothing to lose."""
+    out = tmp_path / "out"
+    layout = Layout(out)
+    out.mkdir()
+    layout.manifest.write_text(json.dumps({"format": "funnel-run/1", "identity": {"batch_size": 4}, "done": {},
+                                           "shard_rows": 4, "bad_ranges": []}))
+    summary = run_to_parquet(demo_pipeline, queries, out, batch_size=8, progress=False)
+    assert summary.queries == 48 and layout.lock.exists()
 
 
 def _funnel_run(config, queries, out):

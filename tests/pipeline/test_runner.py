@@ -81,11 +81,11 @@ def test_a_changed_config_input_or_artifact_refuses_the_old_output(demo_shop, de
     out = tmp_path / "out.parquet"
     run_to_parquet(demo_pipeline, queries, out, batch_size=32, progress=False)
     with pytest.raises(ConfigError, match=r"holds a finished run that does not match this one: the pipeline config "
-                                          r"changed .*--overwrite"):
+                                          r"changed \(stage 7 display.topn: n 10 -> 3\); pass --overwrite"):
         run_to_parquet(demo_pipeline.with_top(3), queries, out, batch_size=32, progress=False)
     other = tmp_path / "q.parquet"
     pq.write_table(pq.read_table(queries).slice(0, 20), other)
-    with pytest.raises(ConfigError, match="the queries in .* changed"):
+    with pytest.raises(ConfigError, match=r"the queries in .* changed \(q.parquet added; queries.parquet removed\)"):
         run_to_parquet(demo_pipeline, other, out, batch_size=32, progress=False)
 
     shop = tmp_path / "shop"
@@ -107,7 +107,7 @@ def test_lock_file_reproduces_or_refuses_with_the_differences(demo_pipeline, que
     lock = lock_file(out)
     again = run_to_parquet(demo_pipeline, queries, tmp_path / "b", batch_size=64, progress=False, lock=lock)
     assert again.rows > 0 and rows(tmp_path / "b") == rows(out)
-    with pytest.raises(ConfigError, match=r"does not match lock file .*config: -n = 10; \+n = 3"):
+    with pytest.raises(ConfigError, match=r"does not match lock file .*config: stage 7 display.topn: n 10 -> 3"):
         run_to_parquet(demo_pipeline.with_top(3), queries, tmp_path / "c", batch_size=64, progress=False, lock=lock)
     doc = json.loads(lock.read_text())
     doc["libraries"]["pyarrow"] = "1.0.0"
@@ -214,3 +214,17 @@ def test_cli_run_reports_resume_state_and_rejects_ray_options_without_ray(demo_s
     assert lock.exit_code == 2 and "does not match lock file" in lock.output
     usage = CliRunner().invoke(main, args + ["--address", "auto"])
     assert usage.exit_code == 2 and "--engine ray" in usage.output
+
+
+def test_empty_queries_warn_and_load_nothing(demo_shop, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import FunnelWarning
+
+    queries = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"query_id": pa.array([], pa.int64()), "query": pa.array([], pa.string())}), queries)
+    pipe = load_config(demo_shop / "pipeline.toml").build()
+    with pytest.warns(FunnelWarning, match="have no rows: writing an empty output without loading the pipeline"):
+        summary = run_to_parquet(pipe, queries, tmp_path / "out.parquet", progress=False)
+    assert not any(stage.is_warm for stage in pipe.stages)
+    assert summary.queries == 0 and summary.load_seconds == 0 and lock_file(tmp_path / "out.parquet").exists()
+    assert pq.read_metadata(tmp_path / "out.parquet").num_rows == 0

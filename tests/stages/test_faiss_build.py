@@ -29,7 +29,7 @@ def test_build_from_catalog_with_list_columns_then_search(tmp_path):
     cfg = _config(tmp_path, {"catalog": "catalog.parquet"})
     logs = []
     pipe = build_artifacts(cfg, progress=False, log=logs.append)
-    assert "indexed 4 items" in logs[0]
+    assert logs[0].startswith("recall.faiss: encoding 4 catalog items (title, colors)") and "indexed 4 items" in logs[1]
     out = pipe(pa.table({"query_id": [1], "query": ["drill"]}))
     assert out.column("item_id").to_pylist()[0] == 10 and out.column("rank").to_pylist() == [1, 2, 3]
     build_artifacts(cfg, progress=False, log=logs.append)

@@ -158,8 +158,9 @@ def test_overlapped_loop_of_the_cuda_path_gives_the_cpu_vectors(encoder):
     texts = TEXTS * 3 + ["a", "drill"]
     batches = sorted_batches(np.fromiter(map(len, texts), np.int64), 4)
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(texts))) and len(batches[-1]) == 1
-    got = encoder._encode_overlapped(texts, batches)
+    got, unknown, total = encoder._encode_overlapped(texts, batches, (encoder.model_.tokenizer.unk_token_id, []))
     np.testing.assert_allclose(got, encoder.encode_texts(texts), atol=1e-5)
+    assert unknown == 0 and total > len(texts)
 
 
 def test_sorted_batches_are_full_and_longest_first():
@@ -273,3 +274,26 @@ def test_train_options_are_the_options_of_funnel_train_encoder():
         if name in cli:  # every option but base_model, max_negative and margin is one of the command's
             assert cli[name] == value, name
     assert set(TRAIN_OPTIONS) - set(cli) == {"base_model", "max_negative", "margin"}
+
+
+def test_queries_mostly_unknown_to_the_vocabulary_warn_once(encoder):
+    import warnings
+
+    from pipeline.errors import FunnelWarning
+
+    fresh = SentenceTransformerEncoder(batch_size=2)
+    fresh.model_, fresh.dim_, fresh.device_ = encoder.model_, encoder.dim_, encoder.device_  # share the loaded model
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fresh(pa.table({"query": ["cordless drill", "garden hose"]}))  # English: no warning
+        assert not seen
+        fresh(pa.table({"query": ["无线电钻", "锤子", "สว่านไร้สาย"]}))  # Chinese and Thai: [UNK] for MiniLM
+        fresh(pa.table({"query": ["无线电钻"]}))  # once per stage, not once per batch
+    assert [w.category for w in seen] == [FunnelWarning]
+    assert "are unknown to model 'all-MiniLM-L6-v2'" in str(seen[0].message)
+
+
+def test_the_progress_bar_is_labelled(encoder, capsys):
+    encoder.encode_texts(TEXTS, progress=True, desc="recall.faiss artifacts/index: encoding items")
+    err = capsys.readouterr().err
+    assert "recall.faiss artifacts/index: encoding items" in err and "5/5" in err
