@@ -69,7 +69,6 @@ from ..columns import QUERY_ID
 from ..errors import ConfigError, DataError
 from ..stage import Pipeline
 from .ann import ann_recall, ann_synthetic, stored_vectors, synthetic_vectors
-from .bare import BarePipeline, Unsupported
 from .encoder import encoder_bench, texts_for_encoder
 from .machine import fingerprint, peak_rss_mb
 from .pareto import pareto_front
@@ -80,7 +79,7 @@ from .sweeps import SWEEP_QUERIES, sweep_batch_size, sweep_index, sweep_pipeline
 from .timing import latency_summary, median, single_query, split_batches, timed_passes
 
 __all__ = ["BenchOptions", "run_bench", "parse_override", "fingerprint", "latency_summary", "pareto_front", "synthetic_vectors",
-           "stored_vectors", "ann_recall", "BarePipeline", "Unsupported", "BARE_SCRIPT"]
+           "stored_vectors", "ann_recall", "BARE_SCRIPT"]
 
 #: The bare-library baseline, as the report names it (a module of this package).
 BARE_SCRIPT = "pipeline/bench/bare.py"
@@ -187,6 +186,8 @@ def run_bench(config: str | Path, options: BenchOptions, *, echo: Callable[[str]
 
     bare, bare_note = None, None
     if options.bare is not False:
+        from .bare import BarePipeline, Unsupported  # here, so that `python -m pipeline.bench.bare` runs it fresh
+
         try:
             bare = BarePipeline(config, top=options.top, device=options.device, overrides=options.overrides)
         except Unsupported as exc:

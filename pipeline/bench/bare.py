@@ -290,7 +290,7 @@ class BarePipeline:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.bare", description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("--queries", required=True)
     parser.add_argument("--top", type=int)
