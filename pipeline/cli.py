@@ -584,8 +584,8 @@ def demo(workdir: Path, items: int, queries: int, seed: int, device: str | None,
 @click.option("--top", type=click.IntRange(min=1), help="Candidates shown per query (overrides the display stage).")
 @click.option("--max-queries", type=click.IntRange(min=1), help="Use only the first N queries.")
 @click.option("--bare/--no-bare", default=None,
-              help="Time benchmarks/bare_pipeline.py interleaved and report overhead_ratio "
-                   "[default: when the script is there and covers the config].")
+              help="Time the bare-library baseline (pipeline/bench/bare.py) interleaved and report overhead_ratio "
+                   "[default: when it covers the config].")
 @click.option("--encoder-texts", default=2000, show_default=True, type=click.IntRange(min=0),
               help="Texts per set (queries, item texts) for the encoder comparison; 0 skips it.")
 @click.option("--sweep", is_flag=True,

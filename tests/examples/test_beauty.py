@@ -127,6 +127,7 @@ def test_split_and_metrics():
 
 @pytest.mark.realdata
 @pytest.mark.slow
+@pytest.mark.long
 def test_beauty_subset_leave_one_out(tmp_path):
     """The example, validated leave-one-out on a dense slice of the Beauty data: the 800 most bought items
     and the first 2000 users with 4+ purchases among them (few titles to embed, enough co-purchases)."""

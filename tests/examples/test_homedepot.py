@@ -31,7 +31,7 @@ N_QUERIES = 250
 N_ITEMS = 4000
 SEED = 0
 
-pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.long]
 
 
 def _funnel(*args) -> str:

@@ -5,7 +5,13 @@ No test asserts a timing: timings are only checked to be present and positive.
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,9 +19,12 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import ConfigError
-from pipeline.bench import (BARE_SCRIPT, _load_bare, latency_summary, pareto_front, parse_override, stored_vectors,
-                            synthetic_vectors)
+from pipeline.bench import latency_summary, pareto_front, parse_override, stored_vectors, synthetic_vectors
+from pipeline.bench import bare
+from pipeline.bench.bare import BarePipeline, Unsupported
 from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 STAGE_KEYS = {"name", "device", "rows_in", "rows_out", "p50_ms", "p95_ms", "p99_ms", "p50_ms_per_query",
               "p95_ms_per_query", "p99_ms_per_query", "throughput_rows_per_s", "recall_at_k"}
@@ -62,11 +71,10 @@ def test_report_has_every_stage_with_latency_and_recall(bench_report, demo_shop)
     assert (out / "stages.png").stat().st_size > 1000 and report["plots"] == ["stages.png"]
 
 
-@pytest.mark.skipif(not BARE_SCRIPT.exists(), reason="benchmarks/bare_pipeline.py is not in this checkout")
 def test_bare_pipeline_returns_the_same_lists_and_gives_an_overhead_ratio(bench_report):
     _, report = bench_report
     o = report["overhead"]
-    assert o["agreement"] == 1.0
+    assert o["bare_script"] == "pipeline/bench/bare.py" and o["agreement"] == 1.0
     assert o["overhead_ratio"] > 0 and o["bare_s_per_pass"] > 0 and o["overhead_ratio_after_encoder"] > 0
     assert all(s["bare_p50_ms"] > 0 and s["overhead_ratio"] > 0 for s in report["stages"])
     assert report["end_to_end"]["single_query"]["bare_p50_ms"] > 0
@@ -109,13 +117,48 @@ def test_sweeps_and_synthetic_ann_write_pareto_plots(demo_shop, tmp_path):
 
 
 def test_bare_baseline_refuses_a_stage_it_does_not_cover(tmp_path):
-    module = _load_bare()
-    if module is None:
-        pytest.skip("benchmarks/bare_pipeline.py is not in this checkout")
     config = tmp_path / "bm25.toml"
     config.write_text('[[stages]]\ntype = "recall.bm25"\n')
-    with pytest.raises(module.Unsupported, match="recall.bm25"):
-        module.BarePipeline(config)
+    with pytest.raises(Unsupported, match="recall.bm25"):
+        BarePipeline(config)
+
+
+def test_bare_baseline_imports_nothing_from_funnel():
+    """The baseline's point is doing the work without Funnel: not one import of its packages."""
+    tree = ast.parse(Path(bare.__file__).read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    funnel = sorted(n for n in names if n.startswith(".") or n.split(".")[0] in {"pipeline", "stages", "indexes"})
+    assert not funnel, f"pipeline/bench/bare.py imports {funnel}"
+
+
+def test_bare_baseline_imports_from_the_installed_package_without_the_source_benchmarks(tmp_path):
+    """hummingbird-ml and ir_datasets install a top-level ``benchmarks`` package that shadows the
+    source tree's folder: the baseline must come from ``pipeline.bench`` alone, run from anywhere."""
+    shadow = tmp_path / "site" / "benchmarks"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")  # what those distributions install: no bare_pipeline in it
+    code = ("import sys\n"
+            f"sys.path = [p for p in sys.path if p not in ('', {str(REPO)!r})]\n"
+            f"sys.path.insert(0, {str(shadow.parent)!r})\n"
+            "import benchmarks, pipeline.bench, pipeline.bench.bare as bare\n"
+            f"assert not benchmarks.__file__.startswith({str(REPO / 'benchmarks')!r}), benchmarks.__file__\n"
+            "assert bare.__file__.endswith('pipeline/bench/bare.py'), bare.__file__\n"
+            "assert 'benchmarks.bare_pipeline' not in sys.modules\n"
+            "print(bare.__name__, bare.SUPPORTED[0])\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["pipeline.bench.bare", "encode.sentence_transformers"]
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """``[tool.setuptools] packages`` lists packages one by one: a new sub-package (such as
+    ``pipeline.bench``) missing there would be left out of an installed, non-source copy."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for top in ("pipeline", "stages", "indexes")
+             for p in (REPO / top).rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml [tool.setuptools] packages: {sorted(found - listed)}"
 
 
 def test_overrides_are_toml_values_or_plain_strings():

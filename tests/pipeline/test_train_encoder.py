@@ -93,6 +93,7 @@ def test_existing_output_folder_is_refused(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # needs the fine-tuning run of `trained`
 def test_fine_tuning_writes_a_safetensors_model_with_a_manifest(trained):
     root, output = trained
     folder = root / "artifacts" / "encoder" / "v1"
@@ -112,6 +113,7 @@ def test_fine_tuning_writes_a_safetensors_model_with_a_manifest(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # needs the fine-tuning run of `trained`
 def test_validation_ndcg_does_not_drop(trained):
     manifest = json.loads((trained[0] / "artifacts" / "encoder" / "v1" / "manifest.json").read_text())
     val = manifest["validation"]
@@ -121,6 +123,7 @@ def test_validation_ndcg_does_not_drop(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # needs the fine-tuning run of `trained`
 def test_a_pipeline_builds_and_runs_with_the_version_relative_to_the_config(trained, tmp_path, monkeypatch):
     root, _ = trained
     monkeypatch.chdir(tmp_path)  # the relative model path resolves against the config folder, not the CWD
@@ -139,6 +142,7 @@ def test_a_pipeline_builds_and_runs_with_the_version_relative_to_the_config(trai
 
 
 @pytest.mark.slow
+@pytest.mark.long  # needs the fine-tuning run of `trained`
 def test_a_changed_model_file_is_refused(trained, tmp_path):
     copy = tmp_path / "v1"
     shutil.copytree(trained[0] / "artifacts" / "encoder" / "v1", copy)

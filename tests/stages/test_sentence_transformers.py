@@ -49,6 +49,7 @@ def test_bf16_matches_fp32(encoder):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # compiling MiniLM with inductor: the longest test by far (minutes on 2 cores)
 @pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
                     reason="torch.compile on CPU needs a C++ compiler (g++/clang++), and none is on PATH")
 def test_compiled_encoder_gives_the_same_vectors(encoder):

@@ -14,10 +14,14 @@ features.text, rank.lightgbm, display.topn. Anything else raises :class:`Unsuppo
 
 Use it alone to time the bare pipeline::
 
-    python benchmarks/bare_pipeline.py examples/homedepot/dense.toml \
+    python -m pipeline.bench.bare examples/homedepot/dense.toml \
         --queries examples/homedepot/artifacts/ranker/holdout_queries.parquet --top 10
 
 or let ``funnel bench`` run it interleaved with the Funnel pipeline (it does so by default).
+
+It ships inside the installed package, so ``funnel bench`` has its baseline outside a source
+checkout too; being a module of :mod:`pipeline.bench` changes nothing in what it runs: it still
+imports nothing from ``pipeline``, ``stages`` or ``indexes`` (a test checks this).
 """
 
 from __future__ import annotations
@@ -288,7 +292,7 @@ class BarePipeline:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.bare", description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("--queries", required=True)
     parser.add_argument("--top", type=int)
