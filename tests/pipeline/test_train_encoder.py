@@ -241,7 +241,7 @@ def test_build_that_must_train_without_the_train_extra_stops_before_any_artifact
     assert not (tmp_path / "artifacts").exists() and result.stdout == ""
 
 
-@pytest.mark.slow
+@pytest.mark.long  # fine-tunes the encoder (twice for the first)
 def test_funnel_build_trains_the_encoder_when_missing_or_stale_and_keeps_it_otherwise(tmp_path):
     from pipeline.demo_data import generate_demo_data
 
@@ -278,7 +278,7 @@ def test_funnel_build_trains_the_encoder_when_missing_or_stale_and_keeps_it_othe
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary or old folder left
 
 
-@pytest.mark.slow
+@pytest.mark.long  # fine-tunes the encoder (twice for the first)
 def test_build_keeps_a_model_trained_by_hand(trained):
     from pipeline.build import BuildContext
     from pipeline.train_encoder import build_encoder
