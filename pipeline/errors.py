@@ -18,6 +18,7 @@ __all__ = [
     "MISSING_COLUMN",
     "WRONG_TYPE",
     "BAD_PARAM",
+    "WONT_FIT",
 ]
 
 #: A stage needs a column that is not there.
@@ -26,6 +27,9 @@ MISSING_COLUMN = "stage '{stage}' needs column '{column}' ({type}) but {where} h
 WRONG_TYPE = "stage '{stage}' needs column '{column}' of type {expected} but {where} gives {found}"
 #: A parameter is out of range or of the wrong kind (scikit-learn's template).
 BAD_PARAM = "the '{param}' parameter of stage '{stage}' must be {expected}; got {found!r} instead"
+#: A build step would hold more than the memory there is (checked before it starts).
+WONT_FIT = ("stage '{stage}': {what} would hold about {estimate} in memory but only {available}; "
+            "lower '{param}' (now {value!r}) or give the build more memory")
 
 
 class FunnelError(Exception):
