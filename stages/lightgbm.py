@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import shutil
 from pathlib import Path
@@ -42,9 +41,9 @@ TRAINING_SHARDS = ".training"
 #: Training queries run through the upstream pipeline at once; rows per training shard
 TRAIN_BATCH, SHARD_ROWS = 256, 500_000
 LABEL = "__label"
-#: Bytes a training row holds in LightGBM per feature (binned values, row-wise copy) and per row
-#: (label, gradients, hessians, scores), for the estimate checked before training starts
-BYTES_PER_VALUE, BYTES_PER_ROW = 4, 32
+#: Bytes a training row holds per feature (the float32 matrix LightGBM bins, its binned copy) and
+#: per row (label, gradients, hessians, scores), for the estimate checked before training starts
+BYTES_PER_VALUE, BYTES_PER_ROW = 8, 32
 
 
 def rerank(table: pa.Table, scores: np.ndarray, *, query_column: str = QUERY_ID) -> pa.Table:
@@ -395,10 +394,10 @@ class LightGBMRanker(Stage):
         }
         if self.train_device != "cpu":
             params["device_type"] = self.train_device
-        train_set = shards["train"].dataset(features, params)
+        train_set = shards["train"].dataset(features)
         valid_sets, callbacks = [], []
         if shards["valid"].rows:
-            valid_sets = [shards["valid"].dataset(features, params, reference=train_set)]
+            valid_sets = [shards["valid"].dataset(features, reference=train_set)]
             callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
         try:
             booster = lgb.train(params, train_set, num_boost_round=self.n_estimators, valid_sets=valid_sets,
@@ -430,7 +429,7 @@ def sample_queries(queries: pa.Table, n: int | None, seed: int) -> pa.Table:
 
 class _Shards:
     """Training rows of one split written as Parquet shards of about ``SHARD_ROWS`` rows, and read
-    back one shard at a time into a LightGBM dataset (:class:`lightgbm.Sequence`)."""
+    back one shard at a time into a LightGBM dataset."""
 
     def __init__(self, folder: Path, split: str):
         self.folder, self.split = folder, split
@@ -454,49 +453,25 @@ class _Shards:
             self.paths.append(path)
         self._pending, self._pending_rows = [], 0
 
-    def dataset(self, features: list[str], params: dict, reference=None):
+    def dataset(self, features: list[str], reference=None):
+        """A :class:`lightgbm.Dataset` of these rows. Shards are read one at a time into one
+        preallocated float32 matrix that the dataset alone references, so LightGBM frees it once
+        it has binned the values (``free_raw_data``); the model is the one the same rows in one
+        in-memory table would give."""
         import lightgbm as lgb
 
-        labels, groups = [], []
+        matrix = np.empty((self.rows, len(features)), np.float32)
+        labels, groups, at = np.empty(self.rows, np.int32), [], 0
         for path in self.paths:
-            table = pq.read_table(path, columns=[QUERY_ID, LABEL])
-            labels.append(table.column(LABEL).to_numpy())
+            table = pq.read_table(path, columns=[QUERY_ID, LABEL, *features])
+            n = table.num_rows
+            for j, f in enumerate(features):
+                matrix[at:at + n, j] = table.column(f).to_numpy()
+            labels[at:at + n] = table.column(LABEL).to_numpy()
             groups.append(_group_sizes(pl.from_arrow(table.column(QUERY_ID))))
-        sequences = [_shard_sequence()(path, features) for path in self.paths]
-        data = lgb.Dataset(sequences, np.concatenate(labels), group=np.concatenate(groups), feature_name=features,
-                           reference=reference, params=params)
-        return data.construct()
-
-
-@functools.cache
-def _shard_sequence():
-    """A :class:`lightgbm.Sequence` over one shard's feature columns (defined on first use, so that
-    importing this module does not import LightGBM). Only the shard read last is held."""
-    import lightgbm as lgb
-
-    class ShardSequence(lgb.Sequence):
-        batch_size = 65536
-        _held: dict = {}
-
-        def __init__(self, path: Path, features: list[str]):
-            self.path, self.features = path, features
-            self.length = pq.ParquetFile(path).metadata.num_rows
-
-        def __len__(self) -> int:
-            return self.length
-
-        def _matrix(self) -> np.ndarray:
-            if self.path not in self._held:
-                self._held.clear()
-                table = pq.read_table(self.path, columns=self.features)
-                self._held[self.path] = np.column_stack([table.column(f).to_numpy() for f in self.features])
-            return self._held[self.path]
-
-        def __getitem__(self, idx):
-            rows = self._matrix()[idx]
-            return rows.astype(np.float64) if rows.ndim == 1 else rows  # LightGBM samples single rows as doubles
-
-    return ShardSequence
+            at += n
+            del table
+        return lgb.Dataset(matrix, labels, group=np.concatenate(groups), feature_name=features, reference=reference)
 
 
 def _group_sizes(qids: pl.Series) -> np.ndarray:
