@@ -156,9 +156,10 @@ def check_fits(stage: str, what: str, estimate: float, param: str, value: object
 
     avail = available_memory()
     if estimate > avail:
-        source = f"${MEMORY_ENV}" if os.environ.get(MEMORY_ENV) else "available"
+        limit = os.environ.get(MEMORY_ENV)
+        where = f"is left under {MEMORY_ENV}={limit}" if limit else "is available"
         raise ConfigError(WONT_FIT.format(stage=stage, what=what, estimate=format_bytes(estimate),
-                                          available=f"{format_bytes(avail)} {source}", param=param, value=value))
+                                          available=f"{format_bytes(avail)} {where}", param=param, value=value))
 
 
 def memory_postfix(rows: int) -> dict[str, str]:
