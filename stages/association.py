@@ -69,8 +69,13 @@ class AssociationIndex:
     @classmethod
     def learn(cls, sequences: pa.Array | pa.ChunkedArray, *, window: int = 20, forward: float = 1.0,
               backward: float = 0.3, decay: float = 0.9, log_recency: float = 1.0, alpha: float = 0.0,
-              beta: float = 0.4, top_m: int = 200) -> "AssociationIndex":
-        """Learn the index from a list column of item ids (one sequence per user, oldest first)."""
+              beta: float = 0.4, top_m: int = 200, progress: bool = False) -> "AssociationIndex":
+        """Learn the index from a list column of item ids (one sequence per user, oldest first);
+        ``progress`` shows a bar over the users (pairs kept so far, memory in use)."""
+        from tqdm.auto import tqdm
+
+        from pipeline.build import memory_postfix
+
         seqs = sequences.combine_chunks() if isinstance(sequences, pa.ChunkedArray) else sequences
         seqs = seqs.drop_null() if seqs.null_count else seqs
         flat_ids = pc.list_flatten(seqs)
@@ -87,11 +92,14 @@ class AssociationIndex:
         # ``co``: memory follows the distinct pairs, not the length of the logs.
         per_user = 2 * window_pairs(lengths, window)
         bounds = np.searchsorted(np.cumsum(per_user), np.arange(PAIRS_PER_CHUNK, per_user.sum(), PAIRS_PER_CHUNK))
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(lengths)]):
-            if hi > lo:
-                start = ends[lo - 1] if lo else 0
-                co = co + _pair_counts(flat[start:ends[hi - 1]], lengths[lo:hi], n, window=window, forward=forward,
-                                       backward=backward, decay=decay, log_recency=log_recency)
+        with tqdm(total=len(lengths), desc="association pairs", unit="user", disable=not progress) as bar:
+            for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(lengths)]):
+                if hi > lo:
+                    start = ends[lo - 1] if lo else 0
+                    co = co + _pair_counts(flat[start:ends[hi - 1]], lengths[lo:hi], n, window=window,
+                                           forward=forward, backward=backward, decay=decay, log_recency=log_recency)
+                    bar.update(hi - lo)
+                    bar.set_postfix(memory_postfix(co.nnz), refresh=False)
         counts = np.bincount(flat, minlength=n).astype(np.float64)
         co = sp.diags(1.0 / counts**alpha) @ co @ sp.diags(1.0 / counts**beta)
         matrix = _top_per_row(co.tocsr(), top_m)
@@ -432,7 +440,7 @@ class AssociationRecall(Stage):
         n_items = len(pc.unique(pc.list_flatten(items)))
         check_fits(self.name, f"counting item pairs up to {self.window} steps apart in {logs.num_rows} users' logs",
                    association_memory(lengths, n_items, self.window), "window", self.window)
-        index = AssociationIndex.learn(logs.column("items"), **self._learn_params())
+        index = AssociationIndex.learn(logs.column("items"), **self._learn_params(), progress=ctx.progress)
         index.save(folder, extra={"build_key": key, "logs": str(logs_path), "users": logs.num_rows})
         return f"{self.name}: {index.matrix.nnz} associations between {len(index)} items from {logs.num_rows} users in {folder}"
 
