@@ -37,6 +37,10 @@ class BuildContext:
     force: bool = False
     progress: bool = True
     log: Callable[[str], None] = field(default=print)
+    #: where build steps that run the upstream pipeline over many queries run it: "local" or
+    #: "ray" (:func:`pipeline.ray_engine.run_on_ray`, with ``ray_options`` such as address, actors)
+    engine: str = "local"
+    ray_options: dict = field(default_factory=dict)
 
     def data_path(self, key: str) -> Path:
         return self.config.data_path(key)
@@ -53,10 +57,11 @@ def find_upstream(upstream: Pipeline | None, predicate: Callable[[Stage], bool])
 
 
 def build_artifacts(cfg: PipelineConfig, *, force: bool = False, progress: bool = True,
-                    log: Callable[[str], None] = print, only: Callable[[Stage], bool] | None = None) -> Pipeline:
+                    log: Callable[[str], None] = print, only: Callable[[Stage], bool] | None = None,
+                    engine: str = "local", ray_options: dict | None = None) -> Pipeline:
     """Build the artifacts of every stage of ``cfg`` that has a ``build`` method; return the pipeline."""
     pipe = cfg.build()
-    ctx = BuildContext(cfg, force=force, progress=progress, log=log)
+    ctx = BuildContext(cfg, force=force, progress=progress, log=log, engine=engine, ray_options=ray_options or {})
     for i, stage in enumerate(pipe.stages):
         if not hasattr(stage, "build") or (only is not None and not only(stage)):
             continue

@@ -304,7 +304,7 @@ class LightGBMRanker(Stage):
         shutil.rmtree(work, ignore_errors=True)
         try:
             shards = self._write_training_shards(upstream, train_q, judgments, valid_ids, features, work,
-                                                 from_logs=from_logs, progress=ctx.progress)
+                                                 from_logs=from_logs, ctx=ctx)
             if shards["train"].rows + shards["valid"].rows == 0:
                 raise DataError(f"stage '{self.name}': no training user's next item is among the upstream candidates "
                                 f"({train_q.num_rows} users from {judgments_path}); raise the recall k")
@@ -341,10 +341,14 @@ class LightGBMRanker(Stage):
                    rows * (len(features) * BYTES_PER_VALUE + BYTES_PER_ROW), "max_train_queries", self.max_train_queries)
 
     def _write_training_shards(self, upstream: Pipeline, train_q: pa.Table, judgments: pa.Table, valid_ids: pa.Array,
-                               features: list[str], work: Path, *, from_logs: bool, progress: bool) -> dict:
+                               features: list[str], work: Path, *, from_logs: bool, ctx: BuildContext) -> dict:
         """Run ``upstream`` over the training queries a batch at a time and write each batch's labelled
         feature rows (query id, label, float32 features; nothing else) as Parquet shards under
-        ``work``, training and validation queries apart. Returns ``{"train"|"valid": _Shards}``."""
+        ``work``, training and validation queries apart. Returns ``{"train"|"valid": _Shards}``.
+
+        With ``ctx.engine == "ray"`` the candidates come from :func:`pipeline.ray_engine.run_on_ray`
+        (the ``funnel run --engine ray`` path, on a cluster with ``ctx.ray_options``) as shards
+        that are labelled here one at a time; the rows are the same as the local engine's."""
         from tqdm.auto import tqdm
 
         from pipeline.build import memory_postfix
@@ -353,15 +357,33 @@ class LightGBMRanker(Stage):
         work.mkdir(parents=True)
         shards = {"train": _Shards(work, "train"), "valid": _Shards(work, "valid")}
         rel = pl.from_arrow(judgments.select([QUERY_ID, ITEM_ID, RELEVANCE])).unique([QUERY_ID, ITEM_ID])
-        with tqdm(total=train_q.num_rows, desc="ranker training candidates", unit="q", disable=not progress) as bar:
-            for start in range(0, train_q.num_rows, TRAIN_BATCH):
-                batch = train_q.slice(start, TRAIN_BATCH)
-                rows = self._labelled_rows(upstream(batch), rel, features, from_logs=from_logs)
-                is_valid = pc.is_in(rows.column(QUERY_ID), pc.cast(valid_ids, rows.schema.field(QUERY_ID).type))
-                shards["valid"].add(rows.filter(is_valid), write_parquet_atomic)
-                shards["train"].add(rows.filter(pc.invert(is_valid)), write_parquet_atomic)
-                bar.update(batch.num_rows)
-                bar.set_postfix(memory_postfix(shards["train"].rows + shards["valid"].rows), refresh=False)
+
+        def add(cands: pa.Table) -> None:
+            rows = self._labelled_rows(cands, rel, features, from_logs=from_logs)
+            is_valid = pc.is_in(rows.column(QUERY_ID), pc.cast(valid_ids, rows.schema.field(QUERY_ID).type))
+            shards["valid"].add(rows.filter(is_valid), write_parquet_atomic)
+            shards["train"].add(rows.filter(pc.invert(is_valid)), write_parquet_atomic)
+
+        if ctx.engine == "ray":
+            from pipeline.ray_engine import run_on_ray
+
+            write_parquet_atomic(train_q, work / "queries.parquet")
+            summary = run_on_ray(upstream, work / "queries.parquet", work / "candidates", batch_size=TRAIN_BATCH,
+                                 progress=ctx.progress, name=f"{self.name} training candidates",
+                                 **{k: v for k, v in ctx.ray_options.items() if v is not None})
+            for part in sorted((work / "candidates").glob("part-*.parquet")):
+                add(pq.read_table(part))
+                part.unlink()
+            ctx.log(f"  ranker training candidates on Ray: {summary.rows} rows for {summary.queries} queries "
+                    f"in {summary.seconds:.0f} s")
+        else:
+            with tqdm(total=train_q.num_rows, desc="ranker training candidates", unit="q",
+                      disable=not ctx.progress) as bar:
+                for start in range(0, train_q.num_rows, TRAIN_BATCH):
+                    batch = train_q.slice(start, TRAIN_BATCH)
+                    add(upstream(batch))
+                    bar.update(batch.num_rows)
+                    bar.set_postfix(memory_postfix(shards["train"].rows + shards["valid"].rows), refresh=False)
         for part in shards.values():
             part.flush(write_parquet_atomic)
         return shards

@@ -104,3 +104,23 @@ def test_a_stage_error_inside_an_actor_reaches_the_user_as_the_funnel_error():
     assert isinstance(error, DataError) and str(error).startswith("stage 'encode.sentence_transformers': column")
     other = _explain(RuntimeError("File \"x.py\"\nValueError: bad thing\nray.exceptions.RayError: wrapped"))
     assert str(other) == "a Ray actor failed: ValueError: bad thing"
+
+
+def test_build_engine_ray_trains_the_local_engines_ranker(local_ray, tmp_path, monkeypatch):
+    """`funnel build --engine ray`: training candidates from Ray Data actors, the same model as local."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_tests", HERE / "test_build.py")
+    build_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_tests)
+    monkeypatch.delenv("FUNNEL_MEMORY_LIMIT", raising=False)
+    config = build_tests.write_shop(tmp_path, users=200)
+    model = tmp_path / "artifacts" / "ranker" / "model.txt"
+    assert CliRunner().invoke(main, ["build", str(config), "--quiet"]).exit_code == 0
+    local = model.read_text()
+    result = CliRunner().invoke(main, ["build", str(config), "--quiet", "--force", "--engine", "ray"])
+    assert result.exit_code == 0, result.output
+    assert "ranker training candidates on Ray" in result.output
+    assert model.read_text() == local
+    bad = CliRunner().invoke(main, ["build", str(config), "--actors", "2"])
+    assert bad.exit_code == 2 and "--address and --actors need --engine ray" in bad.output
