@@ -78,6 +78,18 @@ class LightGBMRanker(Stage):
     default 1: off) train each tree on a random share of the features / of the rows, which
     regularises a ranker over many correlated features.
 
+    **Scale.** Training runs the upstream pipeline over the training queries 256 at a time and
+    writes each batch's rows — query id, label and the float32 features, nothing else — as
+    Parquet shards in a temporary folder; LightGBM's dataset is then filled from the shards one
+    at a time into a single float32 matrix that it frees once binned, so memory follows the
+    training rows, not the candidates' other columns (histories, provenance). ``max_train_queries``
+    (default 100,000) trains on that many queries, chosen by a seeded hash of their ids, when
+    there are more; before anything runs the build estimates the rows it may hold (queries x the
+    widest recall ``k`` x features) and stops with an error naming ``max_train_queries`` when
+    they would not fit the memory available (``$FUNNEL_MEMORY_LIMIT`` overrides the figure).
+    ``funnel build --engine ray`` generates the training candidates on Ray Data actors (the
+    ``funnel run --engine ray`` path); the model is the same.
+
     The previous ``score``/``rank`` are kept as ``recall_score``/``recall_rank``.
 
     With ``explain = N > 0`` (``funnel run --explain``) each row also gets ``explanation``: the
@@ -113,7 +125,7 @@ class LightGBMRanker(Stage):
                  label_scale: float = 3.0, relevance_offset: float = 1.0, seed: int = 0, device: str = "auto",
                  explain: int = 0, train_device: str = "cpu", truncation_level: int = 30,
                  feature_fraction: float = 1.0, bagging_fraction: float = 1.0,
-                 max_train_queries: int | None = 200_000):
+                 max_train_queries: int | None = 100_000):
         self.model = model
         self.num_threads = num_threads
         self.n_estimators = n_estimators
