@@ -174,8 +174,14 @@ def _load(config: Path, version: str | None = None, logs: Path | None = None):
               help="Interaction logs (user_id, items) to learn from instead of [data] logs: new interactions "
                    "rebuild the association index, popularity and ranker.")
 @click.option("--version", "version", help=VERSION_HELP)
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where a ranker's training candidates are generated: local: this process; ray: Ray Data "
+                   "actors, as `funnel run --engine ray` (pip install 'funnel-rank[ray]').")
+@click.option("--address", help="Ray cluster to join (e.g. ray://head:10001 or auto); default: start a local Ray.")
+@click.option("--actors", type=click.IntRange(min=1), help="Ray engine: pipeline actors (default as `funnel run`).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def build(config: Path, force: bool, logs: Path | None, version: str | None, quiet: bool) -> None:
+def build(config: Path, force: bool, logs: Path | None, version: str | None, engine: str, address: str | None,
+          actors: int | None, quiet: bool) -> None:
     """Build every artifact CONFIG needs (fine-tuned encoder, item snapshot, embeddings + index,
     trained ranker), in stage order, printing what each stage builds.
 
@@ -185,7 +191,14 @@ def build(config: Path, force: bool, logs: Path | None, version: str | None, qui
     """
     from .build import build_artifacts
 
-    build_artifacts(_load(config, version, logs), force=force, progress=_progress(quiet))
+    if engine == "local" and (address is not None or actors is not None):
+        raise click.UsageError("--address and --actors need --engine ray")
+    if engine == "ray":
+        from .extras import require_extra
+
+        require_extra("ray", ["ray", "ray.data"], needed_by="--engine ray")
+    build_artifacts(_load(config, version, logs), force=force, progress=_progress(quiet), engine=engine,
+                    ray_options={"address": address, "actors": actors})
 
 
 @main.group()

@@ -21,6 +21,7 @@ __all__ = [
     "WRONG_TYPE",
     "BAD_PARAM",
     "MISSING_EXTRA",
+    "WONT_FIT",
 ]
 
 #: A stage needs a column that is not there.
@@ -31,6 +32,10 @@ WRONG_TYPE = "stage '{stage}' needs column '{column}' of type {expected} but {wh
 BAD_PARAM = "the '{param}' parameter of stage '{stage}' must be {expected}; got {found!r} instead"
 #: An optional dependency is not installed (see :func:`pipeline.extras.require_extra`).
 MISSING_EXTRA = "{needed_by} needs {modules}, which {verb} not installed (extra '{extra}'): {command}"
+
+#: A build step would hold more than the memory there is (checked before it starts).
+WONT_FIT = ("stage '{stage}': {what} would hold about {estimate} in memory but only {available}; "
+            "lower '{param}' (now {value!r}) or give the build more memory")
 
 
 class FunnelError(Exception):

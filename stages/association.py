@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file, verify_files, write_json_atomic
-from pipeline.build import BuildContext
+from pipeline.build import BuildContext, check_fits
 from pipeline.columns import HISTORY, ITEM_ID, QUERY_ID, RANK, SCORE, SOURCE
 from pipeline.data import read_logs
 from pipeline.errors import ArtifactError, DataError
@@ -69,42 +69,43 @@ class AssociationIndex:
     @classmethod
     def learn(cls, sequences: pa.Array | pa.ChunkedArray, *, window: int = 20, forward: float = 1.0,
               backward: float = 0.3, decay: float = 0.9, log_recency: float = 1.0, alpha: float = 0.0,
-              beta: float = 0.4, top_m: int = 200) -> "AssociationIndex":
-        """Learn the index from a list column of item ids (one sequence per user, oldest first)."""
+              beta: float = 0.4, top_m: int = 200, progress: bool = False) -> "AssociationIndex":
+        """Learn the index from a list column of item ids (one sequence per user, oldest first);
+        ``progress`` shows a bar over the users (pairs kept so far, memory in use)."""
+        from tqdm.auto import tqdm
+
+        from pipeline.build import memory_postfix
+
         seqs = sequences.combine_chunks() if isinstance(sequences, pa.ChunkedArray) else sequences
         seqs = seqs.drop_null() if seqs.null_count else seqs
         flat_ids = pc.list_flatten(seqs)
         if flat_ids.null_count:
             raise DataError(f"{WHAT}: the logs hold {flat_ids.null_count} null item id(s)")
         lengths = pc.list_value_length(seqs).to_numpy(zero_copy_only=False).astype(np.int64)
-        ids, flat = np.unique(flat_ids.to_numpy(zero_copy_only=False), return_inverse=True)
+        ids, flat = encode_sorted(flat_ids)
         n = len(ids)
         if n == 0:
             raise DataError(f"{WHAT}: the logs hold no interactions")
-        seq_of = np.repeat(np.arange(len(lengths)), lengths)
+        co = sp.csr_matrix((n, n))
         ends = np.cumsum(lengths)
-        steps_to_end = np.repeat(ends, lengths) - 1 - np.arange(len(flat))
-        rows, cols, vals = [], [], []
-        for d in range(1, window + 1):
-            same = seq_of[:-d] == seq_of[d:] if d < len(flat) else np.zeros(0, bool)
-            if not same.any():
-                break
-            first, later = np.flatnonzero(same), np.flatnonzero(same) + d
-            w = decay ** (d - 1) * log_recency ** steps_to_end[later].astype(np.float64)
-            rows += [flat[first], flat[later]]
-            cols += [flat[later], flat[first]]
-            vals += [forward * w, backward * w]
+        # Users in chunks of about PAIRS_PER_CHUNK pair entries, each chunk's pairs summed into
+        # ``co``: memory follows the distinct pairs, not the length of the logs.
+        per_user = 2 * window_pairs(lengths, window)
+        bounds = np.searchsorted(np.cumsum(per_user), np.arange(PAIRS_PER_CHUNK, per_user.sum(), PAIRS_PER_CHUNK))
+        with tqdm(total=len(lengths), desc="association pairs", unit="user", disable=not progress) as bar:
+            for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(lengths)]):
+                if hi > lo:
+                    start = ends[lo - 1] if lo else 0
+                    co = co + _pair_counts(flat[start:ends[hi - 1]], lengths[lo:hi], n, window=window,
+                                           forward=forward, backward=backward, decay=decay, log_recency=log_recency)
+                    bar.update(hi - lo)
+                    bar.set_postfix(memory_postfix(co.nnz), refresh=False)
         counts = np.bincount(flat, minlength=n).astype(np.float64)
-        if rows:
-            co = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
-        else:
-            co = sp.csr_matrix((n, n))
-        co.sum_duplicates()
         co = sp.diags(1.0 / counts**alpha) @ co @ sp.diags(1.0 / counts**beta)
         matrix = _top_per_row(co.tocsr(), top_m)
         params = dict(window=window, forward=forward, backward=backward, decay=decay, log_recency=log_recency,
                       alpha=alpha, beta=beta, top_m=top_m)
-        return cls(pa.array(ids, type=flat_ids.type), counts.astype(np.float32), matrix, params=params)
+        return cls(ids, counts.astype(np.float32), matrix, params=params)
 
     # -- files --------------------------------------------------------------------------------
 
@@ -187,6 +188,59 @@ class AssociationIndex:
     def user_scores(self, histories: list[np.ndarray], recency: float) -> sp.csr_matrix:
         """Sparse (users, items) scores: each history's weighted sum of its items' rows."""
         return (histories_to_matrix(histories, len(self.ids), recency) @ self.matrix).tocsr()
+
+
+#: Pair entries counted at once when learning an association index (about 24 bytes each).
+PAIRS_PER_CHUNK = 8_000_000
+#: Bytes an association build holds per item pair it may keep (sparse sums, their sum with a
+#: chunk, the top-M sort), for the estimate checked before it starts.
+BYTES_PER_PAIR = 50
+
+
+def window_pairs(lengths: np.ndarray, window: int) -> np.ndarray:
+    """Per sequence, the pairs of items at most ``window`` steps apart (one direction)."""
+    m = np.minimum(window, np.maximum(lengths - 1, 0))
+    return m * lengths - m * (m + 1) // 2
+
+
+def association_memory(lengths: np.ndarray, n_items: int, window: int) -> int:
+    """Bytes :meth:`AssociationIndex.learn` may hold: every distinct pair it can meet, plus a chunk."""
+    pairs = 2 * int(window_pairs(lengths, window).sum())
+    return min(pairs, n_items * n_items) * BYTES_PER_PAIR + min(pairs, PAIRS_PER_CHUNK) * 24 * 3
+
+
+def _pair_counts(flat: np.ndarray, lengths: np.ndarray, n: int, *, window: int, forward: float, backward: float,
+                 decay: float, log_recency: float) -> sp.csr_matrix:
+    """The weighted pair counts of some whole sequences (``flat`` item positions, ``lengths``)."""
+    seq_of = np.repeat(np.arange(len(lengths)), lengths)
+    steps_to_end = np.repeat(np.cumsum(lengths), lengths) - 1 - np.arange(len(flat))
+    rows, cols, vals = [], [], []
+    for d in range(1, window + 1):
+        same = seq_of[:-d] == seq_of[d:] if d < len(flat) else np.zeros(0, bool)
+        if not same.any():
+            break
+        first, later = np.flatnonzero(same), np.flatnonzero(same) + d
+        w = decay ** (d - 1) * log_recency ** steps_to_end[later].astype(np.float64)
+        rows += [flat[first], flat[later]]
+        cols += [flat[later], flat[first]]
+        vals += [forward * w, backward * w]
+    if not rows:
+        return sp.csr_matrix((n, n))
+    co = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    co.sum_duplicates()
+    return co
+
+
+def encode_sorted(values: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """``(sorted distinct values, position of each value among them)``, as ``np.unique`` with
+    ``return_inverse`` but in Arrow, without a Python object per value."""
+    if len(values) == 0:
+        return values, np.zeros(0, np.int64)
+    encoded = pc.dictionary_encode(values)
+    order = pc.sort_indices(encoded.dictionary).to_numpy()
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return encoded.dictionary.take(pa.array(order)), rank[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
 def lookup_positions(values: pa.Array | pa.ChunkedArray | list, ids: pa.Array) -> np.ndarray:
@@ -381,7 +435,12 @@ class AssociationRecall(Stage):
         if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what=WHAT).get("build_key") == key:
             return f"{self.name}: up to date ({folder})"
         logs = read_logs(logs_path)
-        index = AssociationIndex.learn(logs.column("items"), **self._learn_params())
+        items = logs.column("items").combine_chunks()
+        lengths = pc.fill_null(pc.list_value_length(items), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        n_items = len(pc.unique(pc.list_flatten(items)))
+        check_fits(self.name, f"counting item pairs up to {self.window} steps apart in {logs.num_rows} users' logs",
+                   association_memory(lengths, n_items, self.window), "window", self.window)
+        index = AssociationIndex.learn(logs.column("items"), **self._learn_params(), progress=ctx.progress)
         index.save(folder, extra={"build_key": key, "logs": str(logs_path), "users": logs.num_rows})
         return f"{self.name}: {index.matrix.nnz} associations between {len(index)} items from {logs.num_rows} users in {folder}"
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -9,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import build_key, read_manifest, read_verified_manifest, sha256_file, write_json_atomic
-from pipeline.build import BuildContext, find_upstream, run_batches, upstream_key
+from pipeline.build import BuildContext, check_fits, find_upstream, upstream_key
 from pipeline.columns import ITEM_ID, QUERY, QUERY_ID, RANK, RECALL_RANK, RECALL_SCORE, RELEVANCE, SCORE
 from pipeline.data import holdout_mask, read_judgments
 from pipeline.errors import ArtifactError, DataError, DeviceError
@@ -32,6 +36,14 @@ MODEL_FILE = "model.txt"
 TRAIN_DEVICES = ("cpu", "gpu", "cuda")
 HOLDOUT_QUERIES = "holdout_queries.parquet"
 HOLDOUT_JUDGMENTS = "holdout_judgments.parquet"
+#: Folder (under the model folder, removed after training) of the training rows' Parquet shards
+TRAINING_SHARDS = ".training"
+#: Training queries run through the upstream pipeline at once; rows per training shard
+TRAIN_BATCH, SHARD_ROWS = 256, 500_000
+LABEL = "__label"
+#: Bytes a training row holds per feature (the float32 matrix LightGBM bins, its binned copy) and
+#: per row (label, gradients, hessians, scores), for the estimate checked before training starts
+BYTES_PER_VALUE, BYTES_PER_ROW = 8, 32
 
 
 def rerank(table: pa.Table, scores: np.ndarray, *, query_column: str = QUERY_ID) -> pa.Table:
@@ -65,6 +77,18 @@ class LightGBMRanker(Stage):
     it to about the depth that matters. ``feature_fraction`` and ``bagging_fraction`` (LightGBM's,
     default 1: off) train each tree on a random share of the features / of the rows, which
     regularises a ranker over many correlated features.
+
+    **Scale.** Training runs the upstream pipeline over the training queries 256 at a time and
+    writes each batch's rows — query id, label and the float32 features, nothing else — as
+    Parquet shards in a temporary folder; LightGBM's dataset is then filled from the shards one
+    at a time into a single float32 matrix that it frees once binned, so memory follows the
+    training rows, not the candidates' other columns (histories, provenance). ``max_train_queries``
+    (default 100,000) trains on that many queries, chosen by a seeded hash of their ids, when
+    there are more; before anything runs the build estimates the rows it may hold (queries x the
+    widest recall ``k`` x features) and stops with an error naming ``max_train_queries`` when
+    they would not fit the memory available (``$FUNNEL_MEMORY_LIMIT`` overrides the figure).
+    ``funnel build --engine ray`` generates the training candidates on Ray Data actors (the
+    ``funnel run --engine ray`` path); the model is the same.
 
     The previous ``score``/``rank`` are kept as ``recall_score``/``recall_rank``.
 
@@ -102,7 +126,8 @@ class LightGBMRanker(Stage):
                  early_stopping_rounds: int = 50, holdout_fraction: float = 0.2, valid_fraction: float = 0.2,
                  label_scale: float = 3.0, relevance_offset: float = 1.0, seed: int = 0, device: str = "auto",
                  explain: int = 0, train_device: str = "cpu", truncation_level: int = 30,
-                 feature_fraction: float = 1.0, bagging_fraction: float = 1.0):
+                 feature_fraction: float = 1.0, bagging_fraction: float = 1.0,
+                 max_train_queries: int | None = 100_000):
         self.model = model
         self.num_threads = num_threads
         self.n_estimators = n_estimators
@@ -121,6 +146,7 @@ class LightGBMRanker(Stage):
         self.truncation_level = truncation_level
         self.feature_fraction = feature_fraction
         self.bagging_fraction = bagging_fraction
+        self.max_train_queries = max_train_queries
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -160,6 +186,10 @@ class LightGBMRanker(Stage):
             raise self._bad_param("explain", "an int >= 0 (features listed per explained row; 0: off)")
         if self.train_device not in TRAIN_DEVICES:
             raise self._bad_param("train_device", f"one of {TRAIN_DEVICES}")
+        if self.max_train_queries is not None and (not isinstance(self.max_train_queries, int)
+                                                   or isinstance(self.max_train_queries, bool)
+                                                   or self.max_train_queries < 1):
+            raise self._bad_param("max_train_queries", "None (all) or an int >= 1")
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -267,6 +297,7 @@ class LightGBMRanker(Stage):
             raise DataError(f"stage '{self.name}' needs a feature stage (producing {FEATURE_PREFIX}* columns) before it")
         features = [f.name for f in upstream.output_schema if f.name.startswith(FEATURE_PREFIX)]
 
+        self._check_memory(upstream, judgments_path, features)
         if from_logs:
             from .history import next_item_training
 
@@ -280,30 +311,114 @@ class LightGBMRanker(Stage):
         pq.write_table(queries.filter(pa.array(held)), folder / HOLDOUT_QUERIES)
         pq.write_table(judgments.filter(pc.is_in(judgments.column(QUERY_ID), held_ids)), folder / HOLDOUT_JUDGMENTS)
 
-        train_q = queries.filter(pa.array(~held))
-        cands = run_batches(upstream, train_q, progress=ctx.progress, desc="ranker training candidates")
+        train_q = sample_queries(queries.filter(pa.array(~held)), self.max_train_queries, self.seed)
+        valid_ids = train_q.column(QUERY_ID).filter(
+            pa.array(holdout_mask(train_q.column(QUERY_ID), self.valid_fraction, self.seed + 1), pa.bool_()))
+        work = folder / TRAINING_SHARDS
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            shards = self._write_training_shards(upstream, train_q, judgments, valid_ids, features, work,
+                                                 from_logs=from_logs, ctx=ctx)
+            if shards["train"].rows + shards["valid"].rows == 0:
+                raise DataError(f"stage '{self.name}': no training user's next item is among the upstream candidates "
+                                f"({train_q.num_rows} users from {judgments_path}); raise the recall k")
+            booster, params, valid_ndcg, best = self._train(shards, features)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        train_rows, n_rows = shards["train"].rows, shards["train"].rows + shards["valid"].rows
+
+        tmp = folder / f".{MODEL_FILE}.tmp"
+        booster.save_model(str(tmp), num_iteration=best)
+        tmp.replace(folder / MODEL_FILE)
+        write_json_atomic(folder / "manifest.json", {
+            "kind": "lightgbm-ranker", "build_key": key, "features": features, "best_iteration": best,
+            "valid_ndcg@10": valid_ndcg, "train_rows": int(train_rows), "train_queries": int(train_q.num_rows),
+            "holdout_queries": int(held.sum()), "params": params,
+            "files": {name: sha256_file(folder / name) for name in (MODEL_FILE, HOLDOUT_QUERIES, HOLDOUT_JUDGMENTS)},
+        })
+        self.booster_ = None
+        return (f"{self.name}: trained on {train_q.num_rows} queries / {n_rows} candidates, "
+                f"{best} trees, valid NDCG@10 {valid_ndcg if valid_ndcg is None else round(valid_ndcg, 4)}; "
+                f"{int(held.sum())} holdout queries in {folder}")
+
+
+    def _check_memory(self, upstream: Pipeline, judgments_path, features: list[str]) -> None:
+        """Stop before any work when the training rows cannot fit: at most one query per row of the
+        judgments/logs file (capped by ``max_train_queries``), each with as many candidates as the
+        widest recall stage's ``k``."""
+        queries = pq.ParquetFile(judgments_path).metadata.num_rows
+        if self.max_train_queries is not None:
+            queries = min(queries, self.max_train_queries)
+        k = max([s.k for s in upstream.stages if isinstance(getattr(s, "k", None), int)] or [100])
+        rows = queries * k
+        check_fits(self.name, f"training on up to {queries} queries x {k} candidates x {len(features)} features",
+                   rows * (len(features) * BYTES_PER_VALUE + BYTES_PER_ROW), "max_train_queries", self.max_train_queries)
+
+    def _write_training_shards(self, upstream: Pipeline, train_q: pa.Table, judgments: pa.Table, valid_ids: pa.Array,
+                               features: list[str], work: Path, *, from_logs: bool, ctx: BuildContext) -> dict:
+        """Run ``upstream`` over the training queries a batch at a time and write each batch's labelled
+        feature rows (query id, label, float32 features; nothing else) as Parquet shards under
+        ``work``, training and validation queries apart. Returns ``{"train"|"valid": _Shards}``.
+
+        With ``ctx.engine == "ray"`` the candidates come from :func:`pipeline.ray_engine.run_on_ray`
+        (the ``funnel run --engine ray`` path, on a cluster with ``ctx.ray_options``) as shards
+        that are labelled here one at a time; the rows are the same as the local engine's."""
+        from tqdm.auto import tqdm
+
+        from pipeline.build import memory_postfix
+        from pipeline.runner import write_parquet_atomic
+
+        work.mkdir(parents=True)
+        shards = {"train": _Shards(work, "train"), "valid": _Shards(work, "valid")}
         rel = pl.from_arrow(judgments.select([QUERY_ID, ITEM_ID, RELEVANCE])).unique([QUERY_ID, ITEM_ID])
-        frame = pl.from_arrow(cands).with_row_index("__row")
+
+        def add(cands: pa.Table) -> None:
+            rows = self._labelled_rows(cands, rel, features, from_logs=from_logs)
+            is_valid = pc.is_in(rows.column(QUERY_ID), pc.cast(valid_ids, rows.schema.field(QUERY_ID).type))
+            shards["valid"].add(rows.filter(is_valid), write_parquet_atomic)
+            shards["train"].add(rows.filter(pc.invert(is_valid)), write_parquet_atomic)
+
+        if ctx.engine == "ray":
+            from pipeline.ray_engine import run_on_ray
+
+            write_parquet_atomic(train_q, work / "queries.parquet")
+            summary = run_on_ray(upstream, work / "queries.parquet", work / "candidates", batch_size=TRAIN_BATCH,
+                                 progress=ctx.progress, name=f"{self.name} training candidates",
+                                 **{k: v for k, v in ctx.ray_options.items() if v is not None})
+            for part in sorted((work / "candidates").glob("part-*.parquet")):
+                add(pq.read_table(part))
+                part.unlink()
+            ctx.log(f"  ranker training candidates on Ray: {summary.rows} rows for {summary.queries} queries "
+                    f"in {summary.seconds:.0f} s")
+        else:
+            with tqdm(total=train_q.num_rows, desc="ranker training candidates", unit="q",
+                      disable=not ctx.progress) as bar:
+                for start in range(0, train_q.num_rows, TRAIN_BATCH):
+                    batch = train_q.slice(start, TRAIN_BATCH)
+                    add(upstream(batch))
+                    bar.update(batch.num_rows)
+                    bar.set_postfix(memory_postfix(shards["train"].rows + shards["valid"].rows), refresh=False)
+        for part in shards.values():
+            part.flush(write_parquet_atomic)
+        return shards
+
+    def _labelled_rows(self, cands: pa.Table, rel: pl.DataFrame, features: list[str], *, from_logs: bool) -> pa.Table:
+        """One batch's candidates as training rows: query id, label, features (in candidate order)."""
+        frame = pl.from_arrow(cands.select([QUERY_ID, ITEM_ID, *features])).with_row_index("__row")
         rel = rel.with_columns(pl.col(ITEM_ID).cast(frame.schema[ITEM_ID]), pl.col(QUERY_ID).cast(frame.schema[QUERY_ID]))
         frame = frame.join(rel, on=[QUERY_ID, ITEM_ID], how="left").sort("__row")
         if from_logs:
             frame = frame.filter(pl.col(RELEVANCE).is_not_null().any().over(QUERY_ID))
-            if frame.height == 0:
-                raise DataError(f"stage '{self.name}': no training user's next item is among the upstream candidates "
-                                f"({train_q.num_rows} users from {judgments_path}); raise the recall k")
             labels = frame[RELEVANCE].is_not_null().to_numpy().astype(np.int32)
         else:
             labels = self._labels(frame[RELEVANCE].to_numpy().astype(np.float64))
-        X = np.column_stack([frame[f].to_numpy().astype(np.float32) for f in features])
-        qids = frame[QUERY_ID]
-        valid_q = np.array(holdout_mask(qids.unique(maintain_order=True).to_arrow(), self.valid_fraction, self.seed + 1))
-        valid_ids = set(qids.unique(maintain_order=True).filter(pl.Series(valid_q)).to_list())
-        is_valid = qids.is_in(list(valid_ids)).to_numpy()
+        columns = {QUERY_ID: frame[QUERY_ID].to_arrow(), LABEL: pa.array(labels, pa.int32())}
+        columns.update({f: pa.array(frame[f].to_numpy().astype(np.float32), pa.float32()) for f in features})
+        return pa.table(columns)
 
-        def dataset(mask: np.ndarray, reference=None):
-            groups = _group_sizes(qids.filter(pl.Series(mask)))
-            return lgb.Dataset(X[mask], labels[mask], group=groups, feature_name=features, reference=reference,
-                               free_raw_data=False)
+    def _train(self, shards: dict, features: list[str]):
+        """Train LightGBM from the shards (read back one at a time); ``(booster, params, valid NDCG@10, best)``."""
+        import lightgbm as lgb
 
         params = {
             "objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "learning_rate": self.learning_rate,
@@ -315,10 +430,10 @@ class LightGBMRanker(Stage):
         }
         if self.train_device != "cpu":
             params["device_type"] = self.train_device
-        train_set = dataset(~is_valid)
+        train_set = shards["train"].dataset(features)
         valid_sets, callbacks = [], []
-        if is_valid.any():
-            valid_sets = [dataset(is_valid, reference=train_set)]
+        if shards["valid"].rows:
+            valid_sets = [shards["valid"].dataset(features, reference=train_set)]
             callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
         try:
             booster = lgb.train(params, train_set, num_boost_round=self.n_estimators, valid_sets=valid_sets,
@@ -333,20 +448,66 @@ class LightGBMRanker(Stage):
             ) from exc
         best = booster.best_iteration or booster.current_iteration()
         valid_ndcg = booster.best_score.get("valid_0", {}).get("ndcg@10") if valid_sets else None
+        return booster, params, valid_ndcg, best
 
-        tmp = folder / f".{MODEL_FILE}.tmp"
-        booster.save_model(str(tmp), num_iteration=best)
-        tmp.replace(folder / MODEL_FILE)
-        write_json_atomic(folder / "manifest.json", {
-            "kind": "lightgbm-ranker", "build_key": key, "features": features, "best_iteration": best,
-            "valid_ndcg@10": valid_ndcg, "train_rows": int((~is_valid).sum()), "train_queries": int(train_q.num_rows),
-            "holdout_queries": int(held.sum()), "params": params,
-            "files": {name: sha256_file(folder / name) for name in (MODEL_FILE, HOLDOUT_QUERIES, HOLDOUT_JUDGMENTS)},
-        })
-        self.booster_ = None
-        return (f"{self.name}: trained on {train_q.num_rows} queries / {len(labels)} candidates, "
-                f"{best} trees, valid NDCG@10 {valid_ndcg if valid_ndcg is None else round(valid_ndcg, 4)}; "
-                f"{int(held.sum())} holdout queries in {folder}")
+
+def sample_queries(queries: pa.Table, n: int | None, seed: int) -> pa.Table:
+    """At most ``n`` of ``queries``: those whose ids hash lowest under ``seed`` (the same ids on every
+    machine and in any row order, as :func:`pipeline.data.holdout_mask`), kept in their order."""
+    if n is None or queries.num_rows <= n:
+        return queries
+    ids = queries.column(QUERY_ID).to_pylist()
+    keys = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:sample:{q}".encode(), digest_size=8).digest(), "big")
+                     for q in ids], dtype=np.uint64)
+    keep = np.sort(np.argsort(keys, kind="stable")[:n])
+    return queries.take(pa.array(keep))
+
+
+class _Shards:
+    """Training rows of one split written as Parquet shards of about ``SHARD_ROWS`` rows, and read
+    back one shard at a time into a LightGBM dataset."""
+
+    def __init__(self, folder: Path, split: str):
+        self.folder, self.split = folder, split
+        self.paths: list[Path] = []
+        self.rows = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def add(self, table: pa.Table, write) -> None:
+        if table.num_rows:
+            self._pending.append(table)
+            self._pending_rows += table.num_rows
+            self.rows += table.num_rows
+        if self._pending_rows >= SHARD_ROWS:
+            self.flush(write)
+
+    def flush(self, write) -> None:
+        if self._pending:
+            path = self.folder / f"{self.split}-{len(self.paths):05d}.parquet"
+            write(pa.concat_tables(self._pending), path)
+            self.paths.append(path)
+        self._pending, self._pending_rows = [], 0
+
+    def dataset(self, features: list[str], reference=None):
+        """A :class:`lightgbm.Dataset` of these rows. Shards are read one at a time into one
+        preallocated float32 matrix that the dataset alone references, so LightGBM frees it once
+        it has binned the values (``free_raw_data``); the model is the one the same rows in one
+        in-memory table would give."""
+        import lightgbm as lgb
+
+        matrix = np.empty((self.rows, len(features)), np.float32)
+        labels, groups, at = np.empty(self.rows, np.int32), [], 0
+        for path in self.paths:
+            table = pq.read_table(path, columns=[QUERY_ID, LABEL, *features])
+            n = table.num_rows
+            for j, f in enumerate(features):
+                matrix[at:at + n, j] = table.column(f).to_numpy()
+            labels[at:at + n] = table.column(LABEL).to_numpy()
+            groups.append(_group_sizes(pl.from_arrow(table.column(QUERY_ID))))
+            at += n
+            del table
+        return lgb.Dataset(matrix, labels, group=np.concatenate(groups), feature_name=features, reference=reference)
 
 
 def _group_sizes(qids: pl.Series) -> np.ndarray:

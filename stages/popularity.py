@@ -19,7 +19,7 @@ from pipeline.errors import ArtifactError, DataError
 from pipeline.schema import ANY
 from pipeline.stage import Pipeline, Stage, StageTags
 
-from .association import _is_int, _is_number, candidates_table, lookup_positions
+from .association import _is_int, _is_number, candidates_table, encode_sorted, lookup_positions
 
 __all__ = ["PopularityRecall", "learn_popularity", "load_popularity", "POPULARITY_FILE", "BY"]
 
@@ -44,10 +44,10 @@ def learn_popularity(sequences: pa.Array | pa.ChunkedArray, recent_decay: float)
         raise DataError(f"{WHAT}: the logs hold no interactions")
     lengths = pc.list_value_length(seqs).to_numpy(zero_copy_only=False).astype(np.int64)
     steps = np.repeat(np.cumsum(lengths), lengths) - 1 - np.arange(len(flat))
-    ids, inverse = np.unique(flat.to_numpy(zero_copy_only=False), return_inverse=True)
+    ids, inverse = encode_sorted(flat)
     count = np.bincount(inverse, minlength=len(ids))
     recent = np.bincount(inverse, weights=recent_decay ** steps.astype(np.float64), minlength=len(ids))
-    return pa.table({ITEM_ID: pa.array(ids, type=flat.type), "count": pa.array(count.astype(np.float32)),
+    return pa.table({ITEM_ID: ids, "count": pa.array(count.astype(np.float32)),
                      "recent": pa.array(recent.astype(np.float32))})
 
 

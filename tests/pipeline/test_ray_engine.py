@@ -119,3 +119,23 @@ def test_empty_queries_start_no_ray(demo_shop, tmp_path):
         summary = run_on_ray(pipe, queries, tmp_path / "out")
     assert ray.is_initialized() == was_running and not any(stage.is_warm for stage in pipe.stages)
     assert summary.queries == 0 and lock_file(tmp_path / "out").exists()
+
+
+def test_build_engine_ray_trains_the_local_engines_ranker(local_ray, tmp_path, monkeypatch):
+    """`funnel build --engine ray`: training candidates from Ray Data actors, the same model as local."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_tests", HERE / "test_build.py")
+    build_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_tests)
+    monkeypatch.delenv("FUNNEL_MEMORY_LIMIT", raising=False)
+    config = build_tests.write_shop(tmp_path, users=200)
+    model = tmp_path / "artifacts" / "ranker" / "model.txt"
+    assert CliRunner().invoke(main, ["build", str(config), "--quiet"]).exit_code == 0
+    local = model.read_text()
+    result = CliRunner().invoke(main, ["build", str(config), "--quiet", "--force", "--engine", "ray"])
+    assert result.exit_code == 0, result.output
+    assert "ranker training candidates on Ray" in result.output
+    assert model.read_text() == local
+    bad = CliRunner().invoke(main, ["build", str(config), "--actors", "2"])
+    assert bad.exit_code == 2 and "--address and --actors need --engine ray" in bad.output

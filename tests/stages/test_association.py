@@ -183,3 +183,23 @@ def cases(tmp_path_factory):
 @pytest.mark.parametrize("which", [0, 1], ids=["association", "popularity"])
 def test_conformance(cases, which, check):
     CHECKS[check](cases[which])
+
+
+def test_pairs_counted_in_chunks_of_users_give_the_same_index(monkeypatch):
+    import stages.association as association
+
+    logs, _ = markov_logs(n_users=300)
+    whole = AssociationIndex.learn(logs.column("items"), window=4)
+    monkeypatch.setattr(association, "PAIRS_PER_CHUNK", 50)       # dozens of chunks
+    chunked = AssociationIndex.learn(logs.column("items"), window=4)
+    assert whole.ids.equals(chunked.ids) and np.array_equal(whole.counts, chunked.counts)
+    assert abs(whole.matrix - chunked.matrix).max() < 1e-6 and whole.matrix.nnz == chunked.matrix.nnz
+
+
+def test_association_memory_estimate_counts_window_pairs():
+    from stages.association import association_memory, window_pairs
+
+    lengths = np.array([1, 2, 5, 30])
+    assert window_pairs(lengths, 3).tolist() == [0, 1, 9, 29 + 28 + 27]
+    assert window_pairs(lengths, 3)[2] == 4 + 3 + 2                  # 5 items: pairs 1, 2 and 3 steps apart
+    assert association_memory(lengths, n_items=3, window=3) < association_memory(lengths, n_items=1000, window=3)

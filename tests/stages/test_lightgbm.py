@@ -82,3 +82,19 @@ def test_bad_training_params_fail_at_composition():
 def test_truncation_level_reaches_lightgbm(demo_shop):
     model = (demo_shop / "artifacts" / "ranker" / "model.txt").read_text()
     assert "[lambdarank_truncation_level: 30]" in model  # the default, passed on explicitly
+
+
+def test_training_queries_are_sampled_by_a_stable_hash():
+    from stages.lightgbm import sample_queries
+
+    queries = pa.table({"query_id": [f"u{i}" for i in range(1000)], "history": [["a"]] * 1000})
+    sample = sample_queries(queries, 250, seed=0)
+    assert sample.num_rows == 250
+    ids = sample.column("query_id").to_pylist()
+    assert ids == sorted(ids, key=lambda q: int(q[1:]))                     # kept in their order
+    reversed_input = queries.take(pa.array(np.arange(999, -1, -1)))
+    assert set(sample_queries(reversed_input, 250, seed=0).column("query_id").to_pylist()) == set(ids)
+    assert set(sample_queries(queries, 250, seed=1).column("query_id").to_pylist()) != set(ids)
+    assert sample_queries(queries, None, seed=0) is queries and sample_queries(queries, 5000, seed=0) is queries
+    with pytest.raises(Exception, match="max_train_queries"):
+        LightGBMRanker(max_train_queries=0).validate_params()
