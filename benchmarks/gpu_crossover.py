@@ -22,24 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _best(fn, repeats, sync):
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from pipeline.bench.timing import best_time  # noqa: E402
 
 
 def crossover(rows: list[dict], key_cpu: str, key_gpu: str) -> int | None:
@@ -89,8 +78,8 @@ def main(argv=None) -> int:
               "ranker": [], "filter": []}
     for n in args.sizes:
         batch = rng.standard_normal((n, args.features)).astype(np.float32)
-        cpu = _best(lambda: booster.predict(batch, num_threads=0), args.repeats, lambda: None)
-        gpu = _best(lambda: trees.predict(batch), args.repeats, sync)
+        cpu = best_time(lambda: booster.predict(batch, num_threads=0), args.repeats, lambda: None)
+        gpu = best_time(lambda: trees.predict(batch), args.repeats, sync)
         report["ranker"].append({"rows": n, "lightgbm_rows_per_s": round(n / cpu), "hummingbird_rows_per_s": round(n / gpu)})
         print(json.dumps(report["ranker"][-1]), file=sys.stderr)
     report["ranker_crossover_rows"] = crossover(report["ranker"], "lightgbm_rows_per_s", "hummingbird_rows_per_s")
@@ -100,8 +89,8 @@ def main(argv=None) -> int:
         for n in args.sizes:
             table = pa.table({"query_id": np.arange(n) // 100, "rank": (np.arange(n) % 100 + 1).astype(np.int32),
                               "in_stock": rng.random(n) < 0.9, "price": rng.uniform(1, 2000, n)})
-            cpu = _best(lambda: cpu_stage(table), args.repeats, lambda: None)
-            gpu = _best(lambda: gpu_stage(table), args.repeats, sync)
+            cpu = best_time(lambda: cpu_stage(table), args.repeats, lambda: None)
+            gpu = best_time(lambda: gpu_stage(table), args.repeats, sync)
             report["filter"].append({"rows": n, "cpu_engine_rows_per_s": round(n / cpu), "gpu_engine_rows_per_s": round(n / gpu)})
             print(json.dumps(report["filter"][-1]), file=sys.stderr)
         report["filter_crossover_rows"] = crossover(report["filter"], "cpu_engine_rows_per_s", "gpu_engine_rows_per_s")

@@ -21,12 +21,12 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.bench.timing import best_time  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -40,18 +40,6 @@ def _titles(args) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         paths = generate_demo_data(Path(tmp), n_items=args.n, n_queries=1)
         return pq.read_table(paths["catalog"], columns=["title"]).column("title").to_pylist()
-
-
-def _best(fn, repeats, sync):
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main(argv=None) -> int:
@@ -87,7 +75,7 @@ def main(argv=None) -> int:
         bare = SentenceTransformer(path, device=args.device)
         if half:
             bare.half()
-        seconds = _best(lambda: bare.encode(titles, batch_size=args.batch_size, normalize_embeddings=True), args.repeats, sync)
+        seconds = best_time(lambda: bare.encode(titles, batch_size=args.batch_size, normalize_embeddings=True), args.repeats, sync)
         report["results"].append({"engine": name, "titles_per_s": round(len(titles) / seconds)})
         del bare
     bare_fp32 = report["results"][0]["titles_per_s"]
@@ -96,7 +84,7 @@ def main(argv=None) -> int:
             continue
         stage = SentenceTransformerEncoder(device=args.device, precision=precision, batch_size=args.batch_size)
         stage.warm_up()
-        seconds = _best(lambda: stage.encode_texts(titles), args.repeats, sync)
+        seconds = best_time(lambda: stage.encode_texts(titles), args.repeats, sync)
         got = stage.encode_texts(titles[:args.reference])
         rate = round(len(titles) / seconds)
         report["results"].append({"engine": f"stage {precision}", "titles_per_s": rate,

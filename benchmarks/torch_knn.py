@@ -22,12 +22,13 @@ import argparse
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.bench.timing import best_time  # noqa: E402
 
 
 def _catalog(args, torch, device):
@@ -49,18 +50,6 @@ def _queries(x, count, seed=1):
     rng = np.random.default_rng(seed)
     q = x[rng.integers(len(x), size=count)] + 0.3 * rng.standard_normal((count, x.shape[1])).astype(np.float32) / np.sqrt(x.shape[1])
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _best_time(fn, repeats, sync):
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _recall(ref, got):
@@ -122,7 +111,7 @@ def main(argv=None) -> int:
     for storage, nprobe in runs:
         extra = {"lists": partition[0], "centroids": partition[1]} if nprobe else {}
         search = TorchSearch(x, device=args.device, storage=storage, **options, **extra)
-        seconds = _best_time(lambda: search.search(q_dev, args.k, nprobe=nprobe), args.repeats, sync)
+        seconds = best_time(lambda: search.search(q_dev, args.k, nprobe=nprobe), args.repeats, sync)
         got = search.search(exact_q, args.k, nprobe=nprobe)[1]
         report["results"].append({"engine": "torch", "storage": storage, "nprobe": nprobe,
                                   "queries_per_s": round(len(q) / seconds), f"recall@{args.k}": _recall(ref, got),
@@ -137,7 +126,7 @@ def main(argv=None) -> int:
     if hasattr(faiss, "StandardGpuResources") and args.device.startswith("cuda"):
         flat, engine = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, flat), "faiss-gpu"
     sample = q if engine == "faiss-gpu" else q[:min(len(q), 4_096)]
-    seconds = _best_time(lambda: flat.search(sample, args.k), 1, sync)
+    seconds = best_time(lambda: flat.search(sample, args.k), 1, sync)
     report["results"].append({"engine": engine, "storage": "fp32", "queries_per_s": round(len(sample) / seconds),
                               f"recall@{args.k}": _recall(ref, flat.search(exact_q, args.k)[1])})
     text = json.dumps(report, indent=2)

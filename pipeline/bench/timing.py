@@ -60,6 +60,22 @@ def clone_warm(stage: Stage, **params: Any) -> Stage:
     return new
 
 
+def best_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], Any] | None = None) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn`` after one untimed warm-up call;
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read so that queued GPU
+    work is counted."""
+    sync = sync or (lambda: None)
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def interleaved(calls: list[Callable[[], Any]], repeats: int, *, warm: bool = True) -> list[float]:
     """Median seconds of each call, timed in rounds that go through every call (alternating the
     direction), so that a change of load on the machine hits every call alike. ``warm`` runs
