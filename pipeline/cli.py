@@ -282,7 +282,7 @@ def train_encoder(config: Path, out: Path | None, epochs: float, device: str | N
     result = train(cfg, out=out, epochs=epochs, device=device, batch_size=batch_size, learning_rate=learning_rate,
                    max_seq_length=max_seq_length, max_pairs=max_pairs, min_positive=min_positive,
                    mine_depth=mine_depth, valid_fraction=valid_fraction, val_items=val_items or None,
-                   evals_per_epoch=evals_per_epoch, patience=patience, seed=seed, progress=not quiet, log=click.echo)
+                   evals_per_epoch=evals_per_epoch, patience=patience, seed=seed, progress=_progress(quiet), log=click.echo)
     base = (cfg.base_dir or Path.cwd()).resolve()
     shown = result.folder.relative_to(base) if base in result.folder.parents else result.folder
     click.echo(f"validation NDCG@10 {result.base_val_ndcg:.4f} (base) -> {result.val_ndcg:.4f}; "
@@ -496,7 +496,7 @@ def _funnel(config: Path, queries: Path, judgments, ks: tuple[int, ...], relevan
         if "title" in pq.read_schema(path).names:
             titles = pq.read_table(path, columns=["title"]).column("title").to_pylist()
     report = funnel_eval(cfg.build(), queries, judgments, ks=ks, relevant_threshold=relevant_threshold,
-                         batch_size=cfg.batch_size or 256, progress=not quiet, catalog_texts=titles)
+                         batch_size=cfg.batch_size or 256, progress=_progress(quiet), catalog_texts=titles)
     click.echo(report.to_text())
     if json_out:
         json_out.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
