@@ -80,9 +80,9 @@ def run_demo(workdir: Path, *, n_items: int = 3000, n_queries: int = 400, seed: 
         "R@all": {step: _recall(relevant, hits) for step, hits in seen.items()},
         f"R@{CUT}": {step: _recall(relevant, hits.filter(pl.col("__pos") <= CUT)) for step, hits in seen.items()},
     }))
-    echo(f"      R@{CUT}: mean over the {relevant[QUERY_ID].n_unique()} queries with a relevant judged item of the "
-         f"share of their {relevant.height} relevant items in the first {CUT} rows after each stage (R@all: anywhere "
-         f"in its output); the same measure as recall@{CUT} below")
+    echo(f"      R@{CUT}: for each of the {relevant[QUERY_ID].n_unique()} queries with a relevant judged item, the share "
+         f"of its relevant items ({relevant.height} in all) in the first {CUT} rows after each stage (R@all: anywhere "
+         f"in its output), averaged over the queries; the same measure as recall@{CUT} below")
 
     echo(f"[4/4] evaluating the shown top-{CUT} against the held-out judgments")
     metrics = evaluate(read_parquet(out, what="run"), judged, k_values=(CUT,))
