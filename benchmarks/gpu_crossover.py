@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.bench.timing import best_time  # noqa: E402
+from pipeline.bench.timing import best_time, device_sync, write_report  # noqa: E402
 
 
 def crossover(rows: list[dict], key_cpu: str, key_gpu: str) -> int | None:
@@ -60,10 +60,10 @@ def main(argv=None) -> int:
     from stages.gpu_util import FILTER_GPU_MIN_ROWS, RANKER_GPU_MIN_ROWS, TorchTreeModel
     from stages.rules import RuleFilter
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    sync = device_sync(args.device)
+    if sync is None:
         print("gpu_crossover: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     rng = np.random.default_rng(0)
     n_train = 200 * 50
     X = rng.standard_normal((n_train, args.features)).astype(np.float32)
@@ -94,10 +94,7 @@ def main(argv=None) -> int:
             report["filter"].append({"rows": n, "cpu_engine_rows_per_s": round(n / cpu), "gpu_engine_rows_per_s": round(n / gpu)})
             print(json.dumps(report["filter"][-1]), file=sys.stderr)
         report["filter_crossover_rows"] = crossover(report["filter"], "cpu_engine_rows_per_s", "gpu_engine_rows_per_s")
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_report(report, args.out)
     return 0
 
 

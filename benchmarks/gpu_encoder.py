@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.bench.timing import best_time  # noqa: E402
+from pipeline.bench.timing import best_time, device_sync, write_report  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -60,10 +60,10 @@ def main(argv=None) -> int:
 
     from stages.sentence_transformers import SentenceTransformerEncoder, resolve_model
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    sync = device_sync(args.device)
+    if sync is None:
         print("gpu_encoder: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     titles = _titles(args)
     ref = SentenceTransformerEncoder(device="cpu").encode_texts(titles[:args.reference])
     report = {"titles": len(titles), "batch_size": args.batch_size, "device": args.device, "torch": torch.__version__,
@@ -91,10 +91,7 @@ def main(argv=None) -> int:
                                   "vs_bare_fp32": round(rate / bare_fp32, 2),
                                   "min_cosine_vs_cpu_fp32": float((got * ref).sum(axis=1).min())})
         print(json.dumps(report["results"][-1]), file=sys.stderr)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_report(report, args.out)
     return 0
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.bench.timing import best_time  # noqa: E402
+from pipeline.bench.timing import best_time, device_sync, write_report  # noqa: E402
 
 
 def _catalog(args, torch, device):
@@ -81,11 +81,11 @@ def main(argv=None) -> int:
 
     from indexes.torch_search import DEFAULT_CHUNK_SIZE, DEFAULT_OVERSAMPLE, TorchSearch, kmeans
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    sync = device_sync(args.device)
+    if sync is None:
         print("torch_knn: error: --device cuda but torch sees no CUDA device (use --device cpu for a smoke run)",
               file=sys.stderr)
         return 2
-    sync = (lambda: torch.cuda.synchronize()) if args.device.startswith("cuda") else (lambda: None)
     x = _catalog(args, torch, args.device if args.vectors is None else "cpu")
     q = _queries(x, args.queries)
     q_dev = torch.from_numpy(q).to(args.device)
@@ -129,10 +129,7 @@ def main(argv=None) -> int:
     seconds = best_time(lambda: flat.search(sample, args.k), 1, sync)
     report["results"].append({"engine": engine, "storage": "fp32", "queries_per_s": round(len(sample) / seconds),
                               f"recall@{args.k}": _recall(ref, flat.search(exact_q, args.k)[1])})
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    write_report(report, args.out)
     return 0
 
 

@@ -60,6 +60,28 @@ def clone_warm(stage: Stage, **params: Any) -> Stage:
     return new
 
 
+def device_sync(device: str) -> Callable[[], Any] | None:
+    """What :func:`best_time` calls before reading the clock on ``device``
+    (``torch.cuda.synchronize`` on ``cuda``/``cuda:N``); ``None`` where torch sees no CUDA device
+    that ``device`` asks for, so that a script can say so instead of timing the CPU."""
+    if not device.startswith("cuda"):
+        return lambda: None
+    import torch
+
+    return torch.cuda.synchronize if torch.cuda.is_available() else None
+
+
+def write_report(report: dict, out: str | None) -> None:
+    """Print ``report`` as indented JSON on stdout and, with ``out``, write it there too."""
+    import json
+    from pathlib import Path
+
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
 def best_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], Any] | None = None) -> float:
     """Seconds of the fastest of ``repeats`` calls of ``fn`` after one untimed warm-up call;
     ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read so that queued GPU

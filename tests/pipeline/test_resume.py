@@ -40,20 +40,26 @@ class Boom(Exception):
     pass
 
 
+def fail_at_batch(n: int):
+    """A runner observer that raises :class:`Boom` when the ``n``-th batch (1-based) enters the first stage."""
+    seen = []
+
+    def observe(step, table):
+        if step == 0:
+            seen.append(table.num_rows)
+            if len(seen) == n:
+                raise Boom
+
+    return observe
+
+
 @pytest.mark.parametrize("out_name", ["out", "out.parquet"])
 def test_a_failed_run_resumes_to_exactly_the_uninterrupted_output(demo_pipeline, queries, reference, tmp_path,
                                                                    out_name):
-    out, seen = tmp_path / out_name, []
-
-    def fail_on_seventh_batch(step, table):
-        if step == 0:
-            seen.append(table.num_rows)
-            if len(seen) == 7:
-                raise Boom
-
+    out = tmp_path / out_name
     with pytest.raises(Boom):
         run_to_parquet(demo_pipeline, queries, out, batch_size=4, shard_rows=8, progress=False,
-                       observer=fail_on_seventh_batch)
+                       observer=fail_at_batch(7))
     layout = Layout(out)
     assert len(json.loads(layout.manifest.read_text())["done"]) == 3  # units of 2 batches; the 4th was cut
     assert not layout.lock.exists() and (out.is_dir() or not out.exists())
@@ -83,17 +89,10 @@ def test_a_crash_while_finishing_is_completed_by_the_next_run(demo_pipeline, que
 
 
 def test_resuming_with_another_batch_size_is_refused(demo_pipeline, queries, tmp_path):
-    out, seen = tmp_path / "out", []
-
-    def stop_on_second_batch(step, table):
-        if step == 0:
-            seen.append(table.num_rows)
-            if len(seen) == 2:
-                raise Boom
-
+    out = tmp_path / "out"
     with pytest.raises(Boom):
         run_to_parquet(demo_pipeline, queries, out, batch_size=4, shard_rows=4, progress=False,
-                       observer=stop_on_second_batch)
+                       observer=fail_at_batch(2))
     with pytest.raises(Exception, match=r"holds an unfinished run that does not match this one: batch size 4 -> 8"):
         run_to_parquet(demo_pipeline, queries, out, batch_size=8, progress=False)
 
@@ -103,11 +102,8 @@ def test_a_run_that_fails_before_its_first_unit_leaves_nothing(demo_pipeline, qu
     """Nothing to resume, so nothing to refuse: the next command, changed or not, starts cleanly."""
     out = tmp_path / out_name
 
-    def stop(step, table):
-        raise Boom
-
     with pytest.raises(Boom):
-        run_to_parquet(demo_pipeline, queries, out, batch_size=4, progress=False, observer=stop)
+        run_to_parquet(demo_pipeline, queries, out, batch_size=4, progress=False, observer=fail_at_batch(1))
     assert list(tmp_path.iterdir()) == []
     summary = run_to_parquet(demo_pipeline, queries, out, batch_size=8, progress=False)
     assert summary.queries == 48 and not summary.resumed_units
