@@ -524,8 +524,10 @@ class BatchJob:
         left = {p.name for p in work.iterdir()}
         if self.layout.single and left <= {".run.pid"}:
             shutil.rmtree(work, ignore_errors=True)
-        elif started and left <= {".run.pid"}:  # an OUT folder this call filled with nothing
-            shutil.rmtree(work, ignore_errors=True) if self._made_work else (work / ".run.pid").unlink(missing_ok=True)
+        elif started and left <= {".run.pid"} and self._made_work:  # an OUT folder this call made and left empty
+            shutil.rmtree(work, ignore_errors=True)
+        elif started and left <= {".run.pid"}:
+            (work / ".run.pid").unlink(missing_ok=True)
 
     def _complete(self) -> bool:
         layout = self.layout
