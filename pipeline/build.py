@@ -111,6 +111,8 @@ def artifact_keys(stage: Stage) -> dict:
 
     keys = {}
     for param in stage.path_params:
+        if not getattr(stage, param, None):
+            continue  # an optional artifact left out (features.history with association = None)
         manifest = stage.resolve_path(getattr(stage, param)) / MANIFEST
         if manifest.exists():
             keys[param] = json.loads(manifest.read_text()).get("build_key")

@@ -18,7 +18,7 @@ from .errors import DataError
 from .schema import compatible
 
 __all__ = ["read_parquet", "read_catalog", "read_judgments", "holdout_mask", "open_dataset", "read_logs",
-           "next_item_targets", "LOG_USER", "LOG_ITEMS"]
+           "next_item_targets", "LOG_USER", "LOG_ITEMS", "read_item_vectors", "ItemVectorColumn"]
 
 ITEM_ID_ALIASES = ("product_id",)
 
@@ -145,3 +145,110 @@ def next_item_targets(logs: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
     judgments = pa.table({QUERY_ID: users, ITEM_ID: flat.take(pa.array(last)),
                           RELEVANCE: pa.array(np.ones(len(last)), pa.float64())})
     return queries, judgments, pa.table({LOG_USER: users, LOG_ITEMS: prior})
+
+
+class ItemVectorColumn:
+    """A catalog's per-item vectors read by :func:`read_item_vectors`: ids, an (n, d) float32
+    matrix (rows in catalog order, items without a usable vector left out) and what was left out."""
+
+    def __init__(self, ids: pa.Array, vectors, *, column: str, missing: int, zero_norm: int):
+        self.ids = ids
+        self.vectors = vectors
+        self.column = column
+        self.missing = missing
+        self.zero_norm = zero_norm
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def skipped(self) -> str:
+        """``"; 3 without a vector, 1 of norm 0 left out"`` or ``""``."""
+        parts = [f"{self.missing} without a vector" if self.missing else "",
+                 f"{self.zero_norm} of norm 0" if self.zero_norm else ""]
+        parts = [p for p in parts if p]
+        return f"; {', '.join(parts)} left out" if parts else ""
+
+
+def read_item_vectors(path: str | Path, column: str, *, stage: str, batch_rows: int = 65536) -> ItemVectorColumn:
+    """The vectors of catalog ``column`` (a list or fixed-size list of floats per item).
+
+    The file is streamed ``batch_rows`` rows at a time into one preallocated float32 matrix, so
+    memory holds the matrix and one batch, never the catalog's other columns. Items whose
+    vector is null or all zeros (an item without an image) are left out and counted; a vector
+    of another dimension than the first one, null values inside a vector, NaN or infinity are
+    errors naming the column, the item, the expected and the found value.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"catalog file {path} does not exist")
+    dataset = open_dataset(path)
+    names = dataset.schema.names
+    id_col = ITEM_ID if ITEM_ID in names else next((a for a in ITEM_ID_ALIASES if a in names), None)
+    where = f"stage '{stage}': catalog file {path}"
+    if id_col is None or column not in names:
+        lacking = ", ".join(c for c, ok in ((ITEM_ID, id_col is not None), (column, column in names)) if not ok)
+        raise DataError(f"{where} lacks column(s) {lacking}; it has: {', '.join(names)}")
+    vtype = dataset.schema.field(column).type
+    if not ((pa.types.is_list(vtype) or pa.types.is_large_list(vtype) or pa.types.is_fixed_size_list(vtype))
+            and (pa.types.is_floating(vtype.value_type) or pa.types.is_integer(vtype.value_type))):
+        raise DataError(f"{where}: column '{column}' must hold one vector per item (list<float32> or "
+                        f"fixed_size_list<float32>[d]); found {vtype}")
+    total = dataset.count_rows()
+    dim = vtype.list_size if pa.types.is_fixed_size_list(vtype) else None
+    matrix = None
+    ids: list[pa.Array] = []
+    kept = missing = zero = 0
+    for batch in dataset.to_batches(columns=[id_col, column], batch_size=batch_rows):
+        if batch.num_rows == 0:
+            continue
+        arr, bid = batch.column(1), batch.column(0)
+        present = ~arr.is_null().to_numpy(zero_copy_only=False)
+        missing += int((~present).sum())
+        arr, bid = arr.filter(pa.array(present)), bid.filter(pa.array(present))
+        if len(arr) == 0:
+            continue
+        lengths = (np.full(len(arr), vtype.list_size) if pa.types.is_fixed_size_list(vtype)
+                   else pc.list_value_length(arr).to_numpy(zero_copy_only=False))
+        if dim is None:
+            dim = int(lengths[0])
+        bad = np.flatnonzero(lengths != dim)
+        if len(bad):
+            raise DataError(f"{where}: column '{column}' has vectors of dimension {dim} but item "
+                            f"{bid[int(bad[0])].as_py()!r} has {int(lengths[bad[0]])}; every vector needs one dimension")
+        if dim == 0:
+            raise DataError(f"{where}: column '{column}' holds empty vectors; expected a dimension >= 1")
+        values = pc.list_flatten(arr)
+        if values.null_count:
+            row = int(np.flatnonzero(np.bincount(pc.list_parent_indices(arr).to_numpy(zero_copy_only=False),
+                                                 weights=values.is_null().to_numpy(zero_copy_only=False),
+                                                 minlength=len(arr)))[0])
+            raise DataError(f"{where}: column '{column}' has null values inside the vector of item "
+                            f"{bid[row].as_py()!r}; expected {dim} numbers")
+        block = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), dim)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            row = int(np.argmin(finite))
+            raise DataError(f"{where}: column '{column}' has NaN or infinite values in the vector of item "
+                            f"{bid[row].as_py()!r}; expected finite numbers")
+        nonzero = np.any(block != 0, axis=1)
+        zero += int((~nonzero).sum())
+        block, bid = block[nonzero], bid.filter(pa.array(nonzero))
+        if matrix is None:
+            matrix = np.empty((total, dim), np.float32)
+        matrix[kept:kept + len(block)] = block
+        kept += len(block)
+        ids.append(bid)
+    if kept == 0:
+        raise DataError(f"{where}: column '{column}' has no usable vector ({total} rows: {missing} null, {zero} all "
+                        "zeros); expected at least one")
+    id_array = pa.chunked_array(ids).combine_chunks()
+    if id_array.null_count:
+        raise DataError(f"{where}: column {id_col} has {id_array.null_count} null id(s)")
+    if len(pc.unique(id_array)) != len(id_array):
+        raise DataError(f"{where}: column {id_col} has duplicate ids ({len(id_array) - len(pc.unique(id_array))} "
+                        "repeats)")
+    return ItemVectorColumn(id_array, matrix[:kept], column=column, missing=missing, zero_norm=zero)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,14 +15,14 @@ from indexes.faiss_index import FaissIndex
 from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file
 from pipeline.build import BuildContext, find_upstream, key_params
 from pipeline.columns import ITEM_ID, QUERY_EMBEDDING, QUERY_ID, RANK, SCORE, SOURCE
-from pipeline.data import read_catalog
+from pipeline.data import read_catalog, read_item_vectors
 from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.schema import ANY, EMBEDDING
 from pipeline.stage import Pipeline, Stage, StageTags
 
 from .gpu_util import SEARCH_BACKENDS, SEARCH_STORAGES, index_on_device
 
-__all__ = ["FaissRecall"]
+__all__ = ["FaissRecall", "build_vector_index", "vector_source"]
 
 
 class FaissRecall(Stage):
@@ -51,6 +52,11 @@ class FaissRecall(Stage):
         metric: ``"ip"`` (cosine on normalised embeddings) or ``"l2"``, used by ``funnel build``.
         item_text: catalog columns joined (space-separated, nulls skipped) into the text that
             ``funnel build`` encodes for each item, with the pipeline's own encoder.
+        vector_column: catalog column of precomputed item vectors (list<float32> or
+            fixed_size_list<float32>[d]) that ``funnel build`` indexes instead of encoding
+            ``item_text`` (normalised; items without a vector left out). The query embeddings
+            must live in the same space: e.g. a CLIP model's text tower encoding queries for
+            its image embeddings (``encode.sentence_transformers`` with ``clip-ViT-B-32``).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda when torch sees a GPU). On
             ``"cuda"`` the index is placed in ``warm_up()`` as ``search_backend`` says.
         search_backend: ``"auto"`` (on CUDA: faiss-gpu when the installed faiss has GPU support,
@@ -91,6 +97,7 @@ class FaissRecall(Stage):
         device: str = "auto",
         search_backend: str = "auto",
         search_storage: str = "auto",
+        vector_column: str | None = None,
     ):
         self.index = index
         self.k = k
@@ -105,12 +112,15 @@ class FaissRecall(Stage):
         self.device = device
         self.search_backend = search_backend
         self.search_storage = search_storage
+        self.vector_column = vector_column
 
     def validate_params(self) -> None:
         super().validate_params()
         validate_search_params(self)
         if not _is_int(self.k) or self.k < 1:
             raise self._bad_param("k", "an int >= 1")
+        if self.vector_column is not None and (not isinstance(self.vector_column, str) or not self.vector_column):
+            raise self._bad_param("vector_column", "None or a catalog column name")
         for param in ("nprobe", "ef_search"):
             value = getattr(self, param)
             if value is not None and (not _is_int(value) or value < 1):
@@ -135,6 +145,8 @@ class FaissRecall(Stage):
         if encoder is None or not (folder / MANIFEST).exists():
             return
         built_with = read_manifest(folder, what=f"stage '{self.name}' index").get("encoder")
+        if self.vector_column is not None:
+            return  # catalog vectors: the query encoder is the user's choice; dimensions are checked at run
         if built_with is not None and built_with != encoder.model:
             raise ArtifactError(
                 f"stage '{self.name}': the index at {folder} was built with encoder {built_with!r} but the pipeline "
@@ -144,7 +156,11 @@ class FaissRecall(Stage):
     def build(self, upstream: Pipeline | None, ctx: BuildContext) -> str:
         """Index the catalog: its ``item_text`` encoded by the upstream encoder, or, when the
         config names ``[data] embeddings`` (Parquet with ``item_id`` and ``embedding``), those
-        vectors as they are (they must come from the same encoder as the queries)."""
+        vectors as they are (they must come from the same encoder as the queries). With
+        ``vector_column`` the catalog's vectors in that column are indexed as they are."""
+        if self.vector_column is not None:
+            return build_vector_index(self, self.resolve_path(self.index), ctx.data_path("catalog"),
+                                      self.vector_column, self.factory, self.metric, ctx)
         encoder = self._encoder(upstream)
         if encoder is None:
             raise ConfigError(f"stage '{self.name}' needs an encode stage writing '{self.embedding_column}' before it")
@@ -330,3 +346,28 @@ def _read_embeddings(path) -> tuple[pa.Array, np.ndarray]:
     values = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), dim)
     return table.column(ITEM_ID).combine_chunks(), values
 
+
+def vector_source(column: str) -> str:
+    """What an index built from catalog ``column`` records as its encoder: ``"column:<name>"``."""
+    return f"column:{column}"
+
+
+def build_vector_index(stage: Stage, folder: Path, catalog_path: Path, column: str, factory: str, metric: str,
+                       ctx: BuildContext) -> str:
+    """Index the vectors of catalog ``column`` (normalised for cosine) into ``folder``.
+
+    The build key holds the column, the factory, the metric and the catalog's SHA-256, so a new
+    catalog or another column rebuilds it and an unchanged one is found up to date.
+    """
+    key = build_key(stage=stage.name, vector_column=column, factory=factory, metric=metric,
+                    catalog=sha256_file(catalog_path))
+    if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what="index").get("build_key") == key:
+        return f"{stage.name}: up to date ({folder})"
+    ctx.log(f"{stage.name}: reading item vectors from column '{column}' of {catalog_path} for the index {folder} ...")
+    vectors = read_item_vectors(catalog_path, column, stage=stage.name)
+    index = FaissIndex.build(vectors.vectors, vectors.ids, factory=factory, metric=metric, normalize=True,
+                             encoder=vector_source(column))
+    index.save(folder, extra={"build_key": key, "vector_column": column, "source": str(catalog_path),
+                              "missing_vectors": vectors.missing, "zero_norm_vectors": vectors.zero_norm})
+    return (f"{stage.name}: indexed {index.ntotal} item vectors from column '{column}' ({factory}, dim {index.dim})"
+            f"{vectors.skipped()} in {folder}")

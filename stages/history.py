@@ -19,7 +19,8 @@ from pipeline.stage import Pipeline, Stage, StageTags
 from .association import AssociationIndex, _is_int, _is_number, history_weights, lookup_positions
 from .features import feature_column
 
-__all__ = ["HistoryFilter", "HistoryFeatures", "HISTORY_FEATURES", "DEFAULT_HISTORY_FEATURES", "next_item_training"]
+__all__ = ["HistoryFilter", "HistoryFeatures", "HISTORY_FEATURES", "DEFAULT_HISTORY_FEATURES", "next_item_training",
+           "history_similarities", "query_histories"]
 
 
 class HistoryFilter(Stage):
@@ -184,14 +185,7 @@ class HistoryFeatures(Stage):
         self.loaded_ = True
 
     def transform(self, table: pa.Table) -> pa.Table:
-        n = table.num_rows
-        qcodes = pc.dictionary_encode(table.column(QUERY_ID).combine_chunks()).indices
-        qcodes = qcodes.to_numpy(zero_copy_only=False).astype(np.int64)
-        first = np.full(int(qcodes.max(initial=-1)) + 1, -1, np.int64)
-        first[qcodes[::-1]] = np.arange(n)[::-1]  # each query's history, read once from its first row
-        hist = table.column(self.history_column).combine_chunks().take(pa.array(first))
-        lengths = pc.fill_null(pc.list_value_length(hist), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        flat_hist = pc.list_flatten(hist)
+        qcodes, lengths, flat_hist = query_histories(table, self.history_column)
         items = table.column(ITEM_ID).combine_chunks()
         out: dict[str, np.ndarray] = {}
         if self.assoc_ is not None:
@@ -247,18 +241,38 @@ class HistoryFeatures(Stage):
                 "assoc_reverse_last": reverse}
 
     def _content(self, qcodes, lengths, flat_hist, items) -> dict[str, np.ndarray]:
-        vectors = self.vectors_
-        n = len(qcodes)
-        hist_rows, item_rows = vectors.rows(flat_hist), vectors.rows(items)
-        last, best, mean = (np.full(n, np.nan) for _ in range(3))
-        order = np.argsort(qcodes, kind="stable")
-        bounds = np.searchsorted(qcodes[order], np.arange(len(lengths) + 1))
-        starts = np.r_[0, np.cumsum(lengths)]
-        with threadpool_limits(1):  # thousands of tiny products: BLAS threads would only contend
-            self._content_loop(vectors, order, bounds, starts, lengths, hist_rows, item_rows, last, best, mean)
+        last, best, mean = history_similarities(self.vectors_, qcodes, lengths, flat_hist, items, self.recency)
         return {"sim_last": last, "sim_max": best, "sim_mean": mean}
 
-    def _content_loop(self, vectors, order, bounds, starts, lengths, hist_rows, item_rows, last, best, mean) -> None:
+
+def query_histories(table: pa.Table, history_column: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """``(query code per row, history length per query, flat history items)``: each query's
+    history read once, from its first row."""
+    n = table.num_rows
+    qcodes = pc.dictionary_encode(table.column(QUERY_ID).combine_chunks()).indices
+    qcodes = qcodes.to_numpy(zero_copy_only=False).astype(np.int64)
+    first = np.full(int(qcodes.max(initial=-1)) + 1, -1, np.int64)
+    first[qcodes[::-1]] = np.arange(n)[::-1]
+    hist = table.column(history_column).combine_chunks().take(pa.array(first))
+    lengths = pc.fill_null(pc.list_value_length(hist), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return qcodes, lengths, pc.list_flatten(hist)
+
+
+def history_similarities(vectors, qcodes: np.ndarray, lengths: np.ndarray, flat_hist: pa.Array, items: pa.Array,
+                         recency: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cosine of each candidate's vector to its query's history items: ``(last, max, mean)``.
+
+    ``vectors`` is an :class:`stages.user_vector.ItemVectors` (normalised rows); ``mean`` is
+    weighted by recency (:func:`stages.association.history_weights`). NaN where the candidate
+    or every history item (the last one, for ``last``) has no vector.
+    """
+    n = len(qcodes)
+    hist_rows, item_rows = vectors.rows(flat_hist), vectors.rows(items)
+    last, best, mean = (np.full(n, np.nan) for _ in range(3))
+    order = np.argsort(qcodes, kind="stable")
+    bounds = np.searchsorted(qcodes[order], np.arange(len(lengths) + 1))
+    starts = np.r_[0, np.cumsum(lengths)]
+    with threadpool_limits(1):  # thousands of tiny products: BLAS threads would only contend
         for q in range(len(lengths)):
             rows = order[bounds[q]:bounds[q + 1]]
             rows = rows[item_rows[rows] >= 0]
@@ -267,11 +281,12 @@ class HistoryFeatures(Stage):
             if not len(rows) or not known.any():
                 continue
             sims = vectors.vectors[item_rows[rows]] @ vectors.vectors[hist[known]].T
-            weights = history_weights(len(hist), self.recency)[known]
+            weights = history_weights(len(hist), recency)[known]
             best[rows] = sims.max(axis=1)
             mean[rows] = sims @ weights / weights.sum()
             if known[-1]:
                 last[rows] = sims[:, -1]
+    return last, best, mean
 
 
 def _artifact_folders(stage: Stage) -> list:

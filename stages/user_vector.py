@@ -17,7 +17,7 @@ from pipeline.schema import ANY
 from pipeline.stage import Pipeline, Stage, StageTags
 
 from .association import _is_int, _is_number, candidates_table, histories_to_matrix, lookup_positions, split_histories
-from .faiss import _item_texts, validate_search_params
+from .faiss import _item_texts, build_vector_index, validate_search_params
 from .gpu_util import index_on_device
 from .sentence_transformers import DEFAULT_MODEL, PRECISIONS, SentenceTransformerEncoder
 
@@ -65,7 +65,12 @@ class UserVectorRecall(Stage):
 
     ``funnel build`` embeds ``[data] catalog`` (the ``item_text`` columns joined) with the
     sentence-transformers ``model`` — the encode stage's own :meth:`encode_texts` — and saves a
-    :class:`indexes.FaissIndex` folder; the history features read the same folder.
+    :class:`indexes.FaissIndex` folder; the history features read the same folder. With
+    ``vector_column`` it indexes that catalog column instead — a vector per item computed
+    elsewhere (image embeddings from a CLIP-like model, or any other): streamed from the
+    Parquet file (:func:`pipeline.data.read_item_vectors`), L2-normalised, items without a
+    vector (null or all zeros) left out. Several vector sources are fused by ``recall.fused``
+    like text sources, and ``features.vectors`` turns each into ranking features.
 
     Args:
         index: FAISS index folder, relative to the config file's folder.
@@ -75,6 +80,9 @@ class UserVectorRecall(Stage):
         exclude_history: never return an item of the user's history.
         source: value of the ``source`` column.
         model: sentence-transformers model that embeds the item texts (build).
+        vector_column: catalog column of precomputed item vectors (list<float32> or
+            fixed_size_list<float32>[d]) to index instead of encoding ``item_text`` (build);
+            ``model``, ``item_text`` and the encoder settings are then unused.
         item_text: catalog columns joined into each item's text (build).
         factory: FAISS index factory string (build); one that keeps vectors (Flat, HNSW32, IVF..,Flat).
         batch_size: texts per encoder batch (build).
@@ -98,7 +106,8 @@ class UserVectorRecall(Stage):
                  recency: float = 0.7, exclude_history: bool = True, source: str = "content",
                  model: str = DEFAULT_MODEL, item_text: list[str] | tuple[str, ...] = ("title",), factory: str = "Flat",
                  batch_size: int = 64, max_seq_length: int | None = None, precision: str = "fp32",
-                 device: str = "auto", search_backend: str = "auto", search_storage: str = "auto"):
+                 device: str = "auto", search_backend: str = "auto", search_storage: str = "auto",
+                 vector_column: str | None = None):
         self.index = index
         self.k = k
         self.history_column = history_column
@@ -114,6 +123,7 @@ class UserVectorRecall(Stage):
         self.device = device
         self.search_backend = search_backend
         self.search_storage = search_storage
+        self.vector_column = vector_column
 
     def required_columns(self) -> pa.Schema:
         return pa.schema([pa.field(QUERY_ID, ANY), pa.field(self.history_column, pa.list_(ANY))])
@@ -137,6 +147,8 @@ class UserVectorRecall(Stage):
             raise self._bad_param("max_seq_length", "None or an int >= 1")
         if self.precision not in PRECISIONS:
             raise self._bad_param("precision", f"one of {PRECISIONS}")
+        if self.vector_column is not None and (not isinstance(self.vector_column, str) or not self.vector_column):
+            raise self._bad_param("vector_column", "None or a catalog column name")
 
     def _encoder(self) -> SentenceTransformerEncoder:
         return SentenceTransformerEncoder(model=self.model, batch_size=self.batch_size, normalize=True,
@@ -147,6 +159,8 @@ class UserVectorRecall(Stage):
         """Embed and index the catalog; skipped when the catalog and encoder settings are unchanged."""
         folder = self.resolve_path(self.index)
         catalog_path = ctx.data_path("catalog")
+        if self.vector_column is not None:
+            return build_vector_index(self, folder, catalog_path, self.vector_column, self.factory, "ip", ctx)
         key = build_key(stage=self.name, model=self.model, item_text=list(self.item_text), factory=self.factory,
                         max_seq_length=self.max_seq_length, precision=self.precision, catalog=sha256_file(catalog_path))
         if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what="index").get("build_key") == key:
@@ -193,3 +207,4 @@ class UserVectorRecall(Stage):
         found &= np.cumsum(found, axis=1) <= self.k
         qi, _ = np.nonzero(found)
         return candidates_table(table, users[qi], self.index_.ids_for(positions[found]), scores[found], self.source)
+
