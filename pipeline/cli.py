@@ -519,6 +519,9 @@ class _ValidateCommand(click.Command):
               default="auto", show_default=True, help="What PATH holds; auto guesses from its columns.")
 @click.option("--items", "--catalog", "items", type=click.Path(dir_okay=True, path_type=Path),
               help="Catalog (item_id or product_id) that judgments, interactions or sequences must refer to.")
+@click.option("--vector-column", "vector_columns", multiple=True, metavar="COLUMN",
+              help="Catalog column that must hold a vector per item (repeatable); lists of floats are checked as "
+                   "vectors anyway: dimension, NaN/inf, zero and odd norms, items without one.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for report.json, report.md and PNG plots.")
 @click.option("--thresholds", type=click.Path(dir_okay=False, path_type=Path),
@@ -535,14 +538,15 @@ class _ValidateCommand(click.Command):
 @click.option("--relevant-threshold", default=2.67, show_default=True, help="Relevance at or above which a judgment is relevant.")
 @click.option("--all", "all_checks", is_flag=True, help="List every check, not only those that warn or fail.")
 @click.pass_context
-def validate(ctx: click.Context, path: Path, kind: str, items: Path | None, report_dir: Path | None,
+def validate(ctx: click.Context, path: Path, kind: str, items: Path | None, vector_columns: tuple[str, ...],
+             report_dir: Path | None,
              thresholds: Path | None, max_null_share, max_duplicate_share, max_near_duplicate_share, max_outlier_share,
              max_encoding_share, max_unknown_share, max_no_relevant_share, max_imbalance, relevant_threshold: float,
              all_checks: bool) -> None:
     """Data-quality report on a catalog, judgments, interactions or sequences (Parquet file or folder).
 
     Checks nulls, duplicate and near-duplicate records, outliers, text encoding, mixed units,
-    labels and unknown item ids, prints a summary and (with --report) writes JSON, Markdown and
+    labels, unknown item ids and a catalog's vector columns, prints a summary and (with --report) writes JSON, Markdown and
     plots. Each check has a warn and a fail limit (listed below); --max-* options set fail limits.
     """
     from .validate import DEFAULT_THRESHOLDS, load_thresholds, validate_file, with_fail_limits
@@ -553,7 +557,8 @@ def validate(ctx: click.Context, path: Path, kind: str, items: Path | None, repo
         near_duplicate_title_share=max_near_duplicate_share, outlier_share=max_outlier_share,
         encoding_share=max_encoding_share, unknown_item_share=max_unknown_share,
         no_relevant_query_share=max_no_relevant_share, label_imbalance=max_imbalance)
-    report = validate_file(path, kind, items=items, thresholds=limits, relevant_threshold=relevant_threshold)
+    report = validate_file(path, kind, items=items, thresholds=limits, relevant_threshold=relevant_threshold,
+                           vector_columns=vector_columns)
     click.echo(report.summary(all_checks=all_checks))
     if report_dir is not None:
         written = report.write(report_dir)

@@ -32,6 +32,16 @@ the lengths of text and list columns), text encoding problems (mojibake such as 
 units after numbers (``12 in.`` / ``12 inch`` / ``12"``) and — given ``items`` (a catalog) — ids
 that the catalog does not know.
 
+**Vector columns.** A catalog may carry a vector per item (image embeddings, any list of
+floats that ``recall.user_vector`` / ``recall.faiss`` index with ``vector_column``). Every list
+(or fixed-size list) of floats in a catalog is checked as one, and ``vector_columns`` (``funnel
+validate --vector-column``) declares others or insists that one is there: the share of items
+without a vector (null or empty; they are left out of its index), of vectors whose dimension
+differs from the most common one, of vectors with NaN, infinite or null values, of vectors of
+norm 0 (nothing to normalise) and of odd norms (robust z-score of log norm above 3.5 — a
+vector from another model or a unit mix-up). The report's details give each column's dimension
+and norm quantiles.
+
 **Thresholds.** Every check measures one number (mostly a share of rows in [0, 1]) and compares
 it with two limits from :data:`DEFAULT_THRESHOLDS`: above ``warn`` it warns, above ``fail`` it
 fails (strictly above: a limit of 0 means "none allowed"); a limit of ``None`` is off. A TOML
@@ -79,7 +89,8 @@ SEQUENCE_COLUMNS = ("items", "history")
 ID_COLUMNS = {"item_id", "product_id", "query_id", "user_id", "session_id"}
 #: checks the summary always shows, even when they pass
 HEADLINE = ("duplicate_id_share", "duplicate_row_share", "near_duplicate_title_share", "label_imbalance",
-            "no_relevant_query_share", "unknown_item_share", "short_sequence_share")
+            "no_relevant_query_share", "unknown_item_share", "short_sequence_share", "missing_vector_share",
+            "vector_dimension_share", "non_finite_vector_share")
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,11 @@ DEFAULT_THRESHOLDS: dict[str, Limit] = {
     "label_imbalance": Limit(10, None),
     "short_sequence_share": Limit(0, None),
     "mixed_unit_families": Limit(None, None),
+    "missing_vector_share": Limit(0, None),
+    "vector_dimension_share": Limit(None, 0),
+    "non_finite_vector_share": Limit(None, 0),
+    "zero_norm_vector_share": Limit(0, None),
+    "odd_norm_vector_share": Limit(0.01, None),
 }
 
 _MEANING = {
@@ -136,6 +152,11 @@ _MEANING = {
     "label_imbalance": "majority / minority count of relevant vs not relevant judgments",
     "short_sequence_share": "share of sequences with fewer than 2 items (nothing to predict from)",
     "mixed_unit_families": "number of unit families written more than one way (in. / inch / \")",
+    "missing_vector_share": "share of items whose vector (a list of floats) is null or empty",
+    "vector_dimension_share": "share of vectors whose dimension differs from the column's most common one",
+    "non_finite_vector_share": "share of vectors holding NaN, infinite or null values",
+    "zero_norm_vector_share": "share of vectors of norm 0 (they cannot be normalised for cosine)",
+    "odd_norm_vector_share": "share of vectors whose log norm has robust z-score > 3.5",
 }
 
 
@@ -650,6 +671,75 @@ def _check_sequences(frame: pl.DataFrame, limits, checks: list[Check], details: 
                                   "interactions": total}
 
 
+def _is_vector_type(dtype: pl.DataType, *, declared: bool = False) -> bool:
+    """A list or fixed-size list of floats (of numbers when the column is declared a vector)."""
+    if not isinstance(dtype, (pl.List, pl.Array)):
+        return False
+    inner = dtype.inner
+    return inner.is_float() or (declared and inner.is_numeric())
+
+
+def vector_columns_of(frame: pl.DataFrame, declared: Iterable[str] = ()) -> list[str]:
+    """The columns checked as vectors: the declared ones, then every list of floats."""
+    found = list(dict.fromkeys(declared))
+    return found + [c for c, t in frame.schema.items() if c not in found and _is_vector_type(t)]
+
+
+def _check_vectors(frame: pl.DataFrame, declared: tuple[str, ...], limits, checks: list[Check],
+                   details: dict) -> None:
+    stats = {}
+    for column in vector_columns_of(frame, declared):
+        if column not in frame.columns:
+            checks.append(_value_check("missing_column", 1, limits, f"vector column '{column}' is declared but the "
+                                       f"file has only: {', '.join(frame.columns)}", column))
+            continue
+        dtype = frame.schema[column]
+        if not _is_vector_type(dtype, declared=True):
+            checks.append(_value_check("missing_column", 1, limits, f"vector column '{column}' must be a list of "
+                                       f"floats (list<float32> or fixed_size_list<float32>[d]); found {dtype}", column))
+            continue
+        col = pl.col(column).cast(pl.List(dtype.inner)) if isinstance(dtype, pl.Array) else pl.col(column)
+        v = frame.select(
+            col.list.len().alias("dim"),
+            col.list.eval(pl.element().is_finite().not_().fill_null(True)).list.any().alias("bad"),
+            col.list.eval(pl.element().cast(pl.Float64).pow(2)).list.sum().sqrt().alias("norm"))
+        present = v.filter(pl.col("dim").fill_null(0) > 0)
+        n, m = frame.height, present.height
+        checks.append(_share_check("missing_vector_share", n - m, n, limits, "items without a vector (null or empty)",
+                                   column))
+        if not m:
+            continue
+        dims = present.group_by("dim").len().sort(["len", "dim"], descending=[True, False])
+        dim = int(dims.item(0, "dim"))
+        off = present.filter(pl.col("dim") != dim)
+        check = _share_check("vector_dimension_share", off.height, m, limits,
+                             f"vectors whose dimension is not {dim} (the most common)", column)
+        if off.height:
+            check.message += " — found " + ", ".join(f"{int(d)}: {c:,}" for d, c in dims.rows()[1:4])
+        checks.append(check)
+        bad = int(present.get_column("bad").sum())
+        checks.append(_share_check("non_finite_vector_share", bad, m, limits, "vectors with NaN, infinite or null "
+                                   "values", column))
+        norms = present.filter(~pl.col("bad") & (pl.col("dim") == dim)).get_column("norm")  # one dimension
+        zero = int((norms == 0).sum())
+        checks.append(_share_check("zero_norm_vector_share", zero, m, limits, "vectors of norm 0", column))
+        positive = norms.filter(norms > 0)
+        n_odd = _robust_outliers(positive.log())[0] if len(positive) > 1 else 0
+        check = _share_check("odd_norm_vector_share", n_odd, len(positive), limits,
+                             "vectors with |robust z| > 3.5 on log norm", column)
+        if len(positive):
+            check.message += f" (norms: min {positive.min():.3g}, median {positive.median():.3g}, max {positive.max():.3g})"
+        checks.append(check)
+        stats[column] = {"dimension": dim, "dimensions": {str(int(d)): c for d, c in dims.rows()},
+                         "with_vector": m, "without_vector": n - m, "non_finite": bad, "zero_norm": zero,
+                         "odd_norm": n_odd,
+                         "norm": ({q: float(positive.quantile(x)) for q, x in
+                                   (("min", 0.0), ("q1", 0.25), ("median", 0.5), ("q3", 0.75), ("max", 1.0))}
+                                  if len(positive) else {})}
+    if stats:
+        details["vectors"] = stats
+
+
 def _known_items(path: Path) -> pl.Series:
     frame = _read(path, "items")
     column = _item_id_column(frame.columns)
@@ -676,8 +766,12 @@ def _check_unknown(kind: str, frame: pl.DataFrame, items: Path, limits, checks: 
 
 
 def validate_file(path: str | Path, kind: str = "auto", *, items: str | Path | None = None,
-                  thresholds: dict[str, Limit] | None = None, relevant_threshold: float = 2.67) -> ValidationReport:
+                  thresholds: dict[str, Limit] | None = None, relevant_threshold: float = 2.67,
+                  vector_columns: Iterable[str] = ()) -> ValidationReport:
     """Check one Parquet file (or folder of shards) and return the report; see the module docstring.
+
+    ``vector_columns`` names catalog columns that must hold a vector per item (lists of floats
+    are checked as vectors anyway; a declared column that is missing fails).
 
     Raises :class:`DataError` only when the file cannot be checked at all (missing, not Parquet,
     a kind that cannot be told); everything else, an empty file or a missing column included,
@@ -704,6 +798,7 @@ def validate_file(path: str | Path, kind: str = "auto", *, items: str | Path | N
         _check_units(frame, limits, checks, details)
         if kind == "catalog":
             _check_titles(frame, limits, checks, details)
+            _check_vectors(frame, tuple(vector_columns), limits, checks, details)
         elif kind == "judgments":
             _check_judgments(frame, limits, checks, details, relevant_threshold)
         elif kind == "sequences":

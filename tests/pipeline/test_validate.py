@@ -70,6 +70,37 @@ def test_catalog_checks_find_each_planted_problem(catalog):
     assert report.status == "fail" and report.exit_code == 4
 
 
+def test_vector_columns_dimension_nan_norms_and_missing(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    good = [list(v / np.linalg.norm(v)) for v in rng.normal(size=(40, 8))]
+    image = good[:34] + [None, [], [1.0] * 7, [float("nan")] * 8, [0.0] * 8, [500.0] * 8]
+    path = write(tmp_path / "items.parquet", pa.table({
+        "item_id": list(range(40)), "image": pa.array(image, pa.list_(pa.float32())),
+        "clip": pa.array(good, pa.list_(pa.float32(), 8))}))
+    report = validate_file(path)
+    assert report.kind == "catalog" and report.status == "fail"
+    assert checks(report, "missing_vector_share")["image"].count == 2
+    dim = checks(report, "vector_dimension_share")["image"]
+    assert dim.status == "fail" and dim.count == 1 and "not 8 (the most common)" in dim.message and "7: 1" in dim.message
+    assert checks(report, "non_finite_vector_share")["image"].count == 1
+    assert checks(report, "zero_norm_vector_share")["image"].status == "warn"
+    assert checks(report, "odd_norm_vector_share")["image"].count == 1          # the norm-1414 vector
+    assert report.details["vectors"]["image"]["dimension"] == 8
+    fixed = {name: c.status for name in ("missing_vector_share", "vector_dimension_share", "non_finite_vector_share",
+                                         "zero_norm_vector_share", "odd_norm_vector_share")
+             for col, c in checks(report, name).items() if col == "clip"}
+    assert set(fixed.values()) == {"pass"} and len(fixed) == 5               # fixed-size lists are checked too
+    assert report.details["vectors"]["clip"]["norm"]["median"] == pytest.approx(1.0, abs=1e-6)
+    declared = validate_file(path, vector_columns=["photo"])
+    assert "vector column 'photo' is declared" in checks(declared, "missing_column")["photo"].message
+    code, out = cli(path, "--vector-column", "item_id")
+    assert code == 4 and "vector column 'item_id' must be a list of floats" in out
+    code, out = cli(path)
+    assert code == 4 and "vector_dimension_share" in out and "column 'image'" in out
+
+
 def test_normalised_titles_drop_case_punctuation_sizes_and_colours():
     titles = pl.Series(["Cordless Drill, 12 in. - White", "cordless drill 18-in BLACK", "Cordless Drill (XL)",
                         "Cordless Saw 12 in."])
