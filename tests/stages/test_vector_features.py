@@ -263,3 +263,45 @@ def test_recall_faiss_indexes_a_vector_column_for_query_vectors(tmp_path):
     out = stage(pa.table({"query_id": ["q"], "query_embedding": pa.array([query.tolist()], pa.list_(pa.float32()))}))
     assert out.column("item_id")[0].as_py() == "I011"
     assert all(int(i[1:]) // 10 == 1 for i in out.column("item_id").to_pylist())   # its cluster
+
+
+@pytest.fixture(scope="module")
+def small_shop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vecrecall")
+    queries, _ = clustered_shop(root, users=12)
+    ctx = BuildContext(config(root, []), progress=False, log=lambda m: None)
+    from stages.faiss import FaissRecall
+
+    for cls in (UserVectorRecall, FaissRecall):
+        stage = cls(index=f"image_{cls.__name__}", vector_column="image")
+        stage._base_dir = root
+        stage.build(None, ctx)
+    return root, queries
+
+
+def _vector_recalls(root):
+    from stages.faiss import FaissRecall
+
+    stages = [UserVectorRecall(index="image_UserVectorRecall", vector_column="image", k=5),
+              FaissRecall(index="image_FaissRecall", vector_column="image", k=5)]
+    for s in stages:
+        s._base_dir = root
+    return stages
+
+
+def _check_params():
+    for check in CHECKS:
+        marks = [pytest.mark.gpu] if check == "cpu_gpu_parity" else []
+        yield pytest.param(check, marks=marks, id=check)
+
+
+@pytest.mark.parametrize("check", list(_check_params()))
+def test_recall_from_a_vector_column_conforms(small_shop, check):
+    """Both recall stages built from a catalog column pass the kit, CPU/GPU parity included (gpu)."""
+    root, queries = small_shop
+    users, faiss_recall = _vector_recalls(root)
+    rows = pq.read_table(root / "items.parquet").slice(0, 6)
+    embedded = pa.table({"query_id": [f"q{i}" for i in range(6)],
+                         "query_embedding": pa.array(rows.column("image").to_pylist(), pa.list_(pa.float32()))})
+    CHECKS[check](StageCase(users, queries.slice(0, 8), id="recall.user_vector-vector_column"))
+    CHECKS[check](StageCase(faiss_recall, embedded, id="recall.faiss-vector_column"))
