@@ -105,8 +105,9 @@ class HistoryFeatures(Stage):
     ``association`` index, with the position of the best-matching history item), content
     similarity of title embeddings to the last and to all history items (from the ``content``
     FAISS index folder), the candidate's popularity (from the ``popularity`` table) and the
-    history length. Each feature reads the artifact it names, built by the recall stage of the
-    same name; an artifact parameter may be ``None`` when no chosen feature needs it.
+    history length (``features.vectors`` adds the same similarities for any other item-vector
+    source, image embeddings included). Each feature reads the artifact it names, built by the
+    recall stage of the same name; an artifact parameter may be ``None`` when no chosen feature needs it.
     ``copy_columns`` are passed to the ranker as ``f_<column>`` too — typically the fused
     ``score``/``rank`` and each source's ``score_<name>``/``rank_<name>`` (nulls stay
     missing values, which LightGBM handles).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -65,8 +67,6 @@ class VectorFeatures(Stage):
 
     def validate_params(self) -> None:
         super().validate_params()
-        import re
-
         if not isinstance(self.source, str) or not re.fullmatch(_NAME, self.source):
             raise self._bad_param("source", "a name of letters, digits and '_'")
         if self.mode not in MODES:
