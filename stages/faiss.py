@@ -140,13 +140,13 @@ class FaissRecall(Stage):
 
     def check_upstream(self, upstream: Pipeline) -> None:
         """Composition-time check that an existing index was built with the upstream encoder."""
+        if self.vector_column is not None:
+            return  # catalog vectors: the query encoder is the user's choice; dimensions are checked at run
         encoder = self._encoder(upstream)
         folder = self.resolve_path(self.index)
         if encoder is None or not (folder / MANIFEST).exists():
             return
         built_with = read_manifest(folder, what=f"stage '{self.name}' index").get("encoder")
-        if self.vector_column is not None:
-            return  # catalog vectors: the query encoder is the user's choice; dimensions are checked at run
         if built_with is not None and built_with != encoder.model:
             raise ArtifactError(
                 f"stage '{self.name}': the index at {folder} was built with encoder {built_with!r} but the pipeline "
