@@ -140,7 +140,11 @@ class FusedRecall(Stage):
         queries = pl.from_arrow(table.select(query_cols)).with_row_index("__qpos")
         parts = []
         for name, weight, pipe in self._pipelines():
-            got = pl.from_arrow(pipe(table).select([QUERY_ID, ITEM_ID, SCORE, RANK]))
+            # only the columns the source's stages declare: the others (a history list, say)
+            # would be repeated on every candidate row and dropped right after
+            needed = {QUERY_ID} | {f.name for s in pipe.stages for f in s.required_columns()}
+            got = pipe(table.select([c for c in table.column_names if c in needed]))
+            got = pl.from_arrow(got.select([QUERY_ID, ITEM_ID, SCORE, RANK]))
             if self.method == "rrf":
                 contrib = weight / (self.rrf_k + pl.col(RANK).cast(pl.Float64))
             else:
