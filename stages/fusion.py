@@ -137,7 +137,7 @@ class FusedRecall(Stage):
 
     def transform(self, table: pa.Table) -> pa.Table:
         query_cols = [c for c in table.column_names if c not in (ITEM_ID, SCORE, RANK, SOURCE)]
-        queries = pl.from_arrow(table.select(query_cols)).with_row_index("__qpos")
+        queries = pl.from_arrow(table.select([QUERY_ID])).with_row_index("__qpos")
         parts = []
         for name, weight, pipe in self._pipelines():
             # only the columns the source's stages declare: the others (a history list, say)
@@ -162,12 +162,16 @@ class FusedRecall(Stage):
                  .filter(pl.col(RANK) <= self.k))
         if fused.height:
             fused = fused.with_columns(pl.col(QUERY_ID).cast(queries.schema[QUERY_ID]))
-        out = (queries.join(fused, on=QUERY_ID, how="inner").sort(["__qpos", RANK]).drop("__qpos")
-               .with_columns([pl.col(f"score_{n}").cast(pl.Float32) for n in names]
-                             + [pl.col(f"rank_{n}").cast(pl.Int32) for n in names]))
-        cols = query_cols + [ITEM_ID, SCORE, RANK, SOURCE] + [c for n in names for c in (f"score_{n}", f"rank_{n}")]
-        return keep_input_types(out.select(cols).to_arrow(), table.schema)
-
+        fused = (queries.join(fused, on=QUERY_ID, how="inner").sort(["__qpos", RANK])
+                 .with_columns([pl.col(f"score_{n}").cast(pl.Float32) for n in names]
+                               + [pl.col(f"rank_{n}").cast(pl.Int32) for n in names]))
+        # the query's columns (a history list, say) taken in Arrow, not converted to Polars and back
+        out = table.select(query_cols).take(pa.array(fused["__qpos"].to_numpy().astype("int64")))
+        added = fused.select([ITEM_ID, SCORE, RANK, SOURCE] + [c for n in names for c in (f"score_{n}", f"rank_{n}")])
+        added = added.to_arrow()
+        for name in added.column_names:
+            out = out.append_column(added.schema.field(name), added.column(name))
+        return keep_input_types(out, table.schema)
 
 def _fuse_joined(parts: list[pl.DataFrame], names: list[str]) -> pl.DataFrame | None:
     """The sources' candidates fused by a full join on (query, item): one row per pair, its
@@ -177,7 +181,8 @@ def _fuse_joined(parts: list[pl.DataFrame], names: list[str]) -> pl.DataFrame | 
     keys = [QUERY_ID, ITEM_ID]
     if len({tuple(p.schema[k] for k in keys) for p in parts}) > 1:
         return None
-    if any(p.select(pl.struct(keys).is_duplicated().any()).item() for p in parts):
+    # a hash of the pair: a collision only sends the batch down the (correct) grouped path
+    if any(p.select((pl.col(QUERY_ID).hash(1) ^ pl.col(ITEM_ID).hash(2)).is_duplicated().any()).item() for p in parts):
         return None
     fused = parts[0]
     for part in parts[1:]:
