@@ -79,7 +79,7 @@ def write_report(out: Path, report: dict) -> None:
         lines += ["", "Single build steps measured on their own (`/usr/bin/time -v`):", "",
                   "| step | users | interactions | result | wall | peak |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['step']} | {r['users']:,} | {r['interactions']:,} | {r['result']} | {r['seconds']} s | "
-                  f"{r['peak_gb']} GB |" for r in report["steps"]]
+                  (f"{r['peak_gb']} GB |" if r.get("peak_gb") is not None else "- |") for r in report["steps"]]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     import matplotlib
