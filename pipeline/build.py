@@ -25,14 +25,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 
 from .config import PipelineConfig, stage_to_spec
 from .stage import Pipeline, Stage
 
-__all__ = ["BuildContext", "artifact_keys", "build_artifacts", "find_upstream", "run_batches", "upstream_key",
+__all__ = ["BuildContext", "artifact_keys", "build_artifacts", "find_upstream", "iter_batches", "run_batches", "upstream_key",
            "walk_stages", "available_memory", "memory_in_use", "check_fits", "format_bytes", "MEMORY_ENV"]
 
 #: Environment variable that sets the memory a build may use (``"8GB"``, ``"512MB"``, bytes),
@@ -212,17 +212,28 @@ def memory_postfix(rows: int) -> dict[str, str]:
     return {"rows": f"{rows:,}", "mem": format_bytes(memory_in_use())}
 
 
-def run_batches(pipe: Pipeline, queries: pa.Table, *, progress: bool, desc: str, batch_size: int = 256) -> pa.Table:
-    """Run ``pipe`` over ``queries`` ``batch_size`` at a time with a progress bar (builds that need
-    upstream candidates: rankers, item statistics); one table out."""
+def iter_batches(pipe: Pipeline, queries: pa.Table, *, progress: bool, desc: str,
+                 batch_size: int = 256) -> Iterator[pa.Table]:
+    """Run ``pipe`` over ``queries`` ``batch_size`` at a time, yielding each batch's output, so a
+    build step that only aggregates the candidates holds one batch at a time; the progress bar
+    shows the rows produced and the memory in use. An empty ``queries`` yields one empty result."""
     from tqdm.auto import tqdm
 
-    parts = []
+    if queries.num_rows == 0:
+        yield pipe(queries)
+        return
+    rows = 0
     with tqdm(total=queries.num_rows, desc=desc, unit="q", disable=not progress) as bar:
         for start in range(0, queries.num_rows, batch_size):
             batch = queries.slice(start, batch_size)
-            parts.append(pipe(batch))
+            out = pipe(batch)
+            rows += out.num_rows
             bar.update(batch.num_rows)
-    if not parts:
-        return pipe(queries)
+            bar.set_postfix(memory_postfix(rows), refresh=False)
+            yield out
+
+
+def run_batches(pipe: Pipeline, queries: pa.Table, *, progress: bool, desc: str, batch_size: int = 256) -> pa.Table:
+    """:func:`iter_batches` collected into one table (for steps that need every candidate at once)."""
+    parts = list(iter_batches(pipe, queries, progress=progress, desc=desc, batch_size=batch_size))
     return pa.concat_tables(parts, promote_options="permissive")

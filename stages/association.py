@@ -62,7 +62,6 @@ class AssociationIndex:
         self.matrix = matrix
         self.params = params
         self.location = location
-        self._keys: np.ndarray | None = None
 
     # -- learning -----------------------------------------------------------------------------
 
@@ -169,20 +168,22 @@ class AssociationIndex:
         return lookup_positions(ids, self.ids)
 
     def pair_scores(self, items: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-        """``score[items[i], neighbours[i]]`` for every i (0 where absent or a position is -1)."""
-        if self._keys is None:
-            coo = self.matrix.tocoo()
-            keys = coo.row.astype(np.int64) * len(self.ids) + coo.col
-            order = np.argsort(keys)
-            self._keys, self._vals = keys[order], coo.data[order].astype(np.float32)
+        """``score[items[i], neighbours[i]]`` for every i (0 where absent or a position is -1).
+
+        A binary search in each item's row of the CSR matrix (at most ``top_m`` sorted
+        columns), not over every pair of the index: the cost follows the lookups, not the index.
+        """
         items, neighbours = np.asarray(items, np.int64), np.asarray(neighbours, np.int64)
+        out = np.zeros(len(items), np.float32)
         ok = (items >= 0) & (neighbours >= 0)
-        keys = np.where(ok, items * len(self.ids) + neighbours, -1)
-        at = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
-        out = np.zeros(len(keys), np.float32)
-        if len(self._keys):
-            hit = ok & (self._keys[at] == keys)
-            out[hit] = self._vals[at[hit]]
+        if not ok.any() or self.matrix.nnz == 0:
+            return out
+        if not self.matrix.has_canonical_format:
+            self.matrix.sum_duplicates()  # sorted columns per row, for the binary search
+        if ok.all():
+            out[:] = np.asarray(self.matrix[items, neighbours]).ravel()
+        else:
+            out[ok] = np.asarray(self.matrix[items[ok], neighbours[ok]]).ravel()
         return out
 
     def user_scores(self, histories: list[np.ndarray], recency: float) -> sp.csr_matrix:
@@ -269,11 +270,15 @@ def histories_to_matrix(histories: list[np.ndarray], n_items: int, recency: floa
     if lengths.sum() == 0:
         return sp.csr_matrix((len(histories), n_items))
     pos = np.concatenate([np.asarray(h, np.int64) for h in histories])
-    rows = np.repeat(np.arange(len(histories)), lengths)
-    steps = np.concatenate([np.arange(n - 1, -1, -1) for n in lengths])
+    ends = np.cumsum(lengths)
+    steps = np.repeat(ends, lengths) - 1 - np.arange(len(pos))  # steps before each history's last item
     keep = pos >= 0
-    return sp.csr_matrix((recency ** steps[keep].astype(np.float64), (rows[keep], pos[keep])),
-                         shape=(len(histories), n_items))
+    row_of = np.repeat(np.arange(len(histories)), lengths)
+    indptr = np.r_[0, np.cumsum(np.bincount(row_of[keep], minlength=len(histories)))]
+    matrix = sp.csr_matrix((recency ** steps[keep].astype(np.float64), pos[keep], indptr),
+                           shape=(len(histories), n_items))
+    matrix.sum_duplicates()  # an item twice in a history: one entry, the weights summed
+    return matrix
 
 
 def _top_per_row(matrix: sp.csr_matrix, m: int) -> sp.csr_matrix:
@@ -299,25 +304,51 @@ def split_histories(histories: pa.ChunkedArray | pa.Array, lookup) -> list[np.nd
 
 def top_k_rows(scores: sp.csr_matrix, k: int, exclude: list[np.ndarray] | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row the ``k`` best positive entries: ``(row, column, score)`` arrays, rows in order, best first."""
-    out_r, out_c, out_v = [], [], []
-    indptr, indices, data = scores.indptr, scores.indices, scores.data
-    for r in range(scores.shape[0]):
-        cols, vals = indices[indptr[r]:indptr[r + 1]], data[indptr[r]:indptr[r + 1]]
-        keep = vals > 0
-        if exclude is not None and len(exclude[r]):
-            keep &= ~np.isin(cols, exclude[r])
-        cols, vals = cols[keep], vals[keep]
-        if len(vals) > k:
-            part = np.argpartition(-vals, k - 1)[:k]
-            cols, vals = cols[part], vals[part]
-        order = np.lexsort((cols, -vals))
-        out_r.append(np.full(len(order), r, np.int64))
-        out_c.append(cols[order])
-        out_v.append(vals[order])
-    if not out_r:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(out_r), np.concatenate(out_c).astype(np.int64), np.concatenate(out_v).astype(np.float32)
+    """Per row the ``k`` best positive entries: ``(row, column, score)`` arrays, rows in order, best
+    first, ties broken by the lower column; ``exclude`` lists columns never returned, per row.
+
+    One sort of all the entries by (row, score, column), no loop over the rows.
+    """
+    n_rows, n_cols = scores.shape
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(scores.indptr))
+    cols, vals = scores.indices.astype(np.int64), scores.data
+    keep = vals > 0
+    if exclude is not None and len(exclude):
+        # membership by a binary search in each row of a sparse (rows, columns) indicator
+        excluded = histories_to_matrix(exclude, n_cols, 1.0)
+        if excluded.nnz:
+            keep &= np.asarray(excluded[rows, cols]).ravel() == 0
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    keep = vals >= _kth_largest(rows, vals, n_rows, k)[rows]  # about k entries per row left to sort
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    order = np.lexsort((cols, -vals, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    first = np.searchsorted(rows, rows)  # each entry's row start, rows being sorted
+    top = np.arange(len(rows)) - first < k
+    return rows[top], cols[top], vals[top].astype(np.float32)
+
+
+def _kth_largest(rows: np.ndarray, vals: np.ndarray, n_rows: int, k: int) -> np.ndarray:
+    """Per row the ``k``-th largest of its values (``-inf`` for a row of ``k`` or fewer); ``rows``
+    sorted. Rows are padded into 2-D blocks of similar lengths (within a factor of two, so the
+    padding at most doubles the memory) and partitioned a block at a time."""
+    counts = np.bincount(rows, minlength=n_rows)
+    out = np.full(n_rows, -np.inf)
+    starts = np.cumsum(counts) - counts
+    long = np.flatnonzero(counts > k)
+    if not len(long):
+        return out
+    classes = np.ceil(np.log2(counts[long])).astype(np.int64)
+    for c in np.unique(classes):
+        sel = long[classes == c]
+        width = int(counts[sel].max())
+        block = np.full((len(sel), width), -np.inf)
+        local = np.repeat(np.arange(len(sel)), counts[sel])
+        at = np.repeat(starts[sel], counts[sel])
+        pos = np.arange(len(at)) - np.repeat(np.cumsum(counts[sel]) - counts[sel], counts[sel])
+        block[local, pos] = vals[at + pos]
+        out[sel] = np.partition(block, width - k, axis=1)[:, width - k]
+    return out
 
 
 def candidates_table(table: pa.Table, rows: np.ndarray, item_ids: pa.Array, scores: np.ndarray,

@@ -137,33 +137,73 @@ class FusedRecall(Stage):
 
     def transform(self, table: pa.Table) -> pa.Table:
         query_cols = [c for c in table.column_names if c not in (ITEM_ID, SCORE, RANK, SOURCE)]
-        queries = pl.from_arrow(table.select(query_cols)).with_row_index("__qpos")
+        queries = pl.from_arrow(table.select([QUERY_ID])).with_row_index("__qpos")
         parts = []
         for name, weight, pipe in self._pipelines():
-            got = pl.from_arrow(pipe(table).select([QUERY_ID, ITEM_ID, SCORE, RANK]))
+            # only the columns the source's stages declare: the others (a history list, say)
+            # would be repeated on every candidate row and dropped right after
+            needed = {QUERY_ID} | {f.name for s in pipe.stages for f in s.required_columns()}
+            got = pipe(table.select([c for c in table.column_names if c in needed]))
+            got = pl.from_arrow(got.select([QUERY_ID, ITEM_ID, SCORE, RANK]))
             if self.method == "rrf":
                 contrib = weight / (self.rrf_k + pl.col(RANK).cast(pl.Float64))
             else:
                 lo, hi = pl.col(SCORE).min().over(QUERY_ID), pl.col(SCORE).max().over(QUERY_ID)
                 contrib = weight * pl.when(hi > lo).then((pl.col(SCORE) - lo) / (hi - lo)).otherwise(1.0)
-            parts.append(got.with_columns(contrib.alias("__contrib"), pl.lit(name).alias("__src"))
+            parts.append(got.with_columns(contrib.alias(f"__contrib_{name}"))
                          .rename({SCORE: f"score_{name}", RANK: f"rank_{name}"}))
         names = [n for n, _, _ in self._pipelines()]
-        long = pl.concat(parts, how="diagonal_relaxed")
-        fused = (long.group_by([QUERY_ID, ITEM_ID], maintain_order=True)
-                 .agg(pl.col("__contrib").sum().alias(SCORE),
-                      pl.col("__src").sort_by(pl.col("__src").replace_strict(names, list(range(len(names)))))
-                      .str.join("+").alias(SOURCE),
-                      *[pl.col(f"score_{n}").drop_nulls().first() for n in names],
-                      *[pl.col(f"rank_{n}").drop_nulls().first() for n in names]))
+        fused = _fuse_joined(parts, names)
+        if fused is None:
+            fused = _fuse_grouped(parts, names)
         fused = (fused.with_columns(pl.col(SCORE).cast(pl.Float32))
                  .sort([QUERY_ID, SCORE, ITEM_ID], descending=[False, True, False])
                  .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over(QUERY_ID).alias(RANK))
                  .filter(pl.col(RANK) <= self.k))
         if fused.height:
             fused = fused.with_columns(pl.col(QUERY_ID).cast(queries.schema[QUERY_ID]))
-        out = (queries.join(fused, on=QUERY_ID, how="inner").sort(["__qpos", RANK]).drop("__qpos")
-               .with_columns([pl.col(f"score_{n}").cast(pl.Float32) for n in names]
-                             + [pl.col(f"rank_{n}").cast(pl.Int32) for n in names]))
-        cols = query_cols + [ITEM_ID, SCORE, RANK, SOURCE] + [c for n in names for c in (f"score_{n}", f"rank_{n}")]
-        return keep_input_types(out.select(cols).to_arrow(), table.schema)
+        fused = (queries.join(fused, on=QUERY_ID, how="inner").sort(["__qpos", RANK])
+                 .with_columns([pl.col(f"score_{n}").cast(pl.Float32) for n in names]
+                               + [pl.col(f"rank_{n}").cast(pl.Int32) for n in names]))
+        # the query's columns (a history list, say) taken in Arrow, not converted to Polars and back
+        out = table.select(query_cols).take(pa.array(fused["__qpos"].to_numpy().astype("int64")))
+        added = fused.select([ITEM_ID, SCORE, RANK, SOURCE] + [c for n in names for c in (f"score_{n}", f"rank_{n}")])
+        added = added.to_arrow()
+        for name in added.column_names:
+            out = out.append_column(added.schema.field(name), added.column(name))
+        return keep_input_types(out, table.schema)
+
+def _fuse_joined(parts: list[pl.DataFrame], names: list[str]) -> pl.DataFrame | None:
+    """The sources' candidates fused by a full join on (query, item): one row per pair, its
+    score the sum of the contributions (in source order), ``source`` the names that found it.
+    ``None`` when a source repeats a pair or the sources' key types differ (see
+    :func:`_fuse_grouped`)."""
+    keys = [QUERY_ID, ITEM_ID]
+    if len({tuple(p.schema[k] for k in keys) for p in parts}) > 1:
+        return None
+    # a hash of the pair: a collision only sends the batch down the (correct) grouped path
+    if any(p.select((pl.col(QUERY_ID).hash(1) ^ pl.col(ITEM_ID).hash(2)).is_duplicated().any()).item() for p in parts):
+        return None
+    fused = parts[0]
+    for part in parts[1:]:
+        fused = fused.join(part, on=keys, how="full", coalesce=True)
+    contribs = [pl.col(f"__contrib_{n}") for n in names]
+    total = contribs[0].fill_null(0.0)
+    for c in contribs[1:]:
+        total = total + c.fill_null(0.0)
+    source = pl.concat_str([pl.when(c.is_not_null()).then(pl.lit(n)) for c, n in zip(contribs, names)],
+                           separator="+", ignore_nulls=True)
+    return fused.with_columns(total.alias(SCORE), source.alias(SOURCE)).drop([f"__contrib_{n}" for n in names])
+
+
+def _fuse_grouped(parts: list[pl.DataFrame], names: list[str]) -> pl.DataFrame:
+    """The general fusion (a source may return an item twice for a query): the sources'
+    candidates stacked and grouped by (query, item)."""
+    long = pl.concat([p.rename({f"__contrib_{n}": "__contrib"}).with_columns(pl.lit(n).alias("__src"))
+                      for p, n in zip(parts, names)], how="diagonal_relaxed")
+    return (long.group_by([QUERY_ID, ITEM_ID], maintain_order=True)
+            .agg(pl.col("__contrib").sum().alias(SCORE),
+                 pl.col("__src").sort_by(pl.col("__src").replace_strict(names, list(range(len(names)))))
+                 .str.join("+").alias(SOURCE),
+                 *[pl.col(f"score_{n}").drop_nulls().first() for n in names],
+                 *[pl.col(f"rank_{n}").drop_nulls().first() for n in names]))

@@ -223,14 +223,19 @@ class HistoryFeatures(Stage):
         hist_pos, item_pos = index.positions(flat_hist), index.positions(items)
         rows, slot, back = self._pairs(qcodes, lengths)
         score = index.pair_scores(hist_pos[slot], item_pos[rows])
-        weighted = score * self.recency ** back.astype(np.float64)
+        weighted = score * (self.recency ** np.arange(lengths.max(initial=0), dtype=np.float64))[back]
         total = np.bincount(rows, weights=weighted, minlength=n)
+        # ``rows`` is sorted: each candidate's history slots are one segment, reduced at once
+        per_row = lengths[qcodes]
+        has = per_row > 0
+        seg = (np.cumsum(per_row) - per_row)[has]
         best = np.zeros(n)
-        np.maximum.at(best, rows, score)
-        hits = np.bincount(rows, weights=(score > 0).astype(np.float64), minlength=n)
         match_back = np.full(n, np.inf)
-        is_best = (score > 0) & (score == best[rows])
-        np.minimum.at(match_back, rows[is_best], back[is_best].astype(np.float64))
+        if len(seg):
+            best[has] = np.maximum(np.maximum.reduceat(score, seg), 0)
+            is_best = (score > 0) & (score == best[rows])
+            match_back[has] = np.minimum.reduceat(np.where(is_best, back, np.inf), seg)
+        hits = np.bincount(rows, weights=score > 0, minlength=n)
         last, prev = np.zeros(n), np.zeros(n)
         last[rows[back == 0]] = score[back == 0]
         prev[rows[back == 1]] = score[back == 1]

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import build_key, read_manifest, read_verified_manifest, sha256_file, write_json_atomic
-from pipeline.build import run_batches, upstream_key
+from pipeline.build import iter_batches, upstream_key
 from pipeline.columns import ITEM_ID, QUERY, QUERY_ID, RANK
 from pipeline.data import holdout_mask, read_catalog, read_parquet
 from pipeline.errors import ArtifactError, DataError
@@ -119,10 +119,14 @@ class ItemStatsFeatures(Stage):
             exprs.append(pl.col(c).list.len().fill_null(0).alias(feature_column(f"n_{c}")))
         stats = items.select([pl.col(ITEM_ID), *exprs])
         if self.depth:
-            cands = run_batches(upstream, log, progress=ctx.progress, desc=f"{self.name}: query log")
-            counts = (pl.from_arrow(cands.select([ITEM_ID, RANK])).filter(pl.col(RANK) <= self.depth)
-                      .group_by(ITEM_ID).len(name=RETRIEVED_BY))
-            counts = counts.with_columns(pl.col(ITEM_ID).cast(stats.schema[ITEM_ID]))
+            # streamed: each batch's candidates counted and dropped, the counts (one row per
+            # item at most) summed as they come
+            counts = pl.DataFrame(schema={ITEM_ID: stats.schema[ITEM_ID], RETRIEVED_BY: pl.UInt32})
+            for cands in iter_batches(upstream, log, progress=ctx.progress, desc=f"{self.name}: query log"):
+                batch = (pl.from_arrow(cands.select([ITEM_ID, RANK])).filter(pl.col(RANK) <= self.depth)
+                         .group_by(ITEM_ID).len(name=RETRIEVED_BY)
+                         .with_columns(pl.col(ITEM_ID).cast(stats.schema[ITEM_ID])))
+                counts = pl.concat([counts, batch]).group_by(ITEM_ID).agg(pl.col(RETRIEVED_BY).sum())
             stats = stats.join(counts, on=ITEM_ID, how="left")
         stats = stats.with_columns([pl.col(f).fill_null(0).cast(pl.Float32) for f in self.feature_names()])
 

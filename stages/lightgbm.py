@@ -51,14 +51,19 @@ def rerank(table: pa.Table, scores: np.ndarray, *, query_column: str = QUERY_ID)
 
     Rows are returned grouped by query in first-appearance order, best first.
     """
-    frame = pl.from_arrow(table)
+    scores = np.asarray(scores, np.float32)
+    # the order is worked out on the query ids alone; the other columns (a history list, say)
+    # are taken once in Arrow, not converted to Polars and back
+    keys = (pl.from_arrow(table.select([query_column])).with_columns(pl.Series(SCORE, scores)).with_row_index("__row")
+            .with_columns(pl.col("__row").min().over(query_column).alias("__qpos"),
+                          pl.col(SCORE).rank("ordinal", descending=True).over(query_column).cast(pl.Int32).alias(RANK))
+            .sort(["__qpos", RANK]))
+    order = keys["__row"].to_numpy().astype(np.int64)
     keep = {SCORE: RECALL_SCORE, RANK: RECALL_RANK}
-    frame = frame.drop([c for c in keep.values() if c in frame.columns])
-    frame = frame.rename({k: v for k, v in keep.items() if k in frame.columns})
-    frame = frame.with_columns(pl.Series(SCORE, scores.astype(np.float32))).with_row_index("__qpos").with_columns(
-        pl.col("__qpos").min().over(query_column)
-    ).with_columns(pl.col(SCORE).rank("ordinal", descending=True).over(query_column).cast(pl.Int32).alias(RANK))
-    return frame.sort(["__qpos", RANK]).drop("__qpos").to_arrow()
+    out = table.drop_columns([c for c in keep.values() if c in table.column_names])
+    out = out.rename_columns([keep.get(c, c) for c in out.column_names]).take(pa.array(order))
+    return (out.append_column(pa.field(SCORE, pa.float32()), pa.array(scores[order], pa.float32()))
+            .append_column(pa.field(RANK, pa.int32()), keys[RANK].to_arrow().cast(pa.int32())))
 
 
 class LightGBMRanker(Stage):

@@ -76,10 +76,10 @@ def write_report(out: Path, report: dict) -> None:
                      f"{k.get('train_queries')} / {k.get('train_rows')} | {u['users']:,} | {u['seconds']} s "
                      f"({u['users_per_s']} users/s) | {u['peak_gb']} GB |")
     if report.get("steps"):
-        lines += ["", "Single build steps measured on their own (`/usr/bin/time -v`):", "",
+        lines += ["", "Single steps measured on their own (`/usr/bin/time -v`, or timed in one process):", "",
                   "| step | users | interactions | result | wall | peak |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['step']} | {r['users']:,} | {r['interactions']:,} | {r['result']} | {r['seconds']} s | "
-                  f"{r['peak_gb']} GB |" for r in report["steps"]]
+                  + (f"{r['peak_gb']} GB |" if r.get("peak_gb") is not None else "- |") for r in report["steps"]]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     import matplotlib

@@ -14,7 +14,7 @@ from pipeline.build import BuildContext
 from pipeline.config import PipelineConfig
 from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.testing import CHECKS, StageCase
-from stages.association import AssociationIndex, AssociationRecall
+from stages.association import AssociationIndex, AssociationRecall, top_k_rows
 from stages.popularity import PopularityRecall, learn_popularity
 
 
@@ -203,3 +203,34 @@ def test_association_memory_estimate_counts_window_pairs():
     assert window_pairs(lengths, 3).tolist() == [0, 1, 9, 29 + 28 + 27]
     assert window_pairs(lengths, 3)[2] == 4 + 3 + 2                  # 5 items: pairs 1, 2 and 3 steps apart
     assert association_memory(lengths, n_items=3, window=3) < association_memory(lengths, n_items=1000, window=3)
+
+
+# -- the vectorised lookups against plain references --------------------------------------------
+
+
+def _reference_top_k(dense: np.ndarray, k: int, exclude: list[np.ndarray]):
+    """Per row, the k best positive entries not excluded: best first, ties to the lower column."""
+    out = []
+    for r, row in enumerate(dense):
+        cols = [c for c in np.flatnonzero(row > 0) if c not in set(exclude[r].tolist())]
+        out += [(r, c, np.float32(row[c])) for c in sorted(cols, key=lambda c: (-row[c], c))[:k]]
+    return out
+
+
+def test_pair_scores_and_top_k_match_dense_references():
+    logs, _ = markov_logs(n_items=60, n_users=400, seed=3)
+    index = AssociationIndex.learn(logs.column("items"), window=4, top_m=12)
+    dense = index.matrix.toarray()
+    rng = np.random.default_rng(0)
+    rows, cols = rng.integers(-1, len(index), 5000), rng.integers(-1, len(index), 5000)
+    expected = np.where((rows >= 0) & (cols >= 0), dense[rows, cols], 0).astype(np.float32)
+    np.testing.assert_array_equal(index.pair_scores(rows, cols), expected)
+    # histories: empty, unknown items (-1), an item twice, long ones; k below and above the row lengths
+    histories = [np.array([], np.int64), np.array([-1]), np.array([3, 3, 7]), np.array([5, -1, 9])]
+    histories += [rng.integers(-1, len(index), int(rng.integers(1, 30))) for _ in range(60)]
+    scores = index.user_scores(histories, 0.6)
+    for k in (1, 5, 40, 500):
+        for exclude in (histories, None):
+            got = [(int(r), int(c), v) for r, c, v in zip(*top_k_rows(scores, k, exclude))]
+            nothing = [np.zeros(0, np.int64)] * len(histories)
+            assert got == _reference_top_k(scores.toarray(), k, nothing if exclude is None else exclude)

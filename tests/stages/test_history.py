@@ -155,3 +155,49 @@ def test_next_item_targets_and_training_view_never_see_the_targets(tmp_path):
     absolute.build(None, ctx)
     with pytest.raises(ConfigError, match="absolute"):
         next_item_training(Pipeline([absolute], inputs=upstream.inputs), ctx, tmp_path / "r2")
+
+
+def test_association_features_match_a_per_row_reference(tmp_path):
+    """The vectorised features (segment reductions over every candidate x history item) equal a
+    plain loop over the rows, on generated logs with empty histories and unknown items."""
+    rng = np.random.default_rng(1)
+    items = [f"i{i}" for i in range(50)]
+    logs = pa.table({"user_id": [f"u{u}" for u in range(300)],
+                     "items": [list(rng.choice(items, int(rng.integers(2, 9)), replace=False)) for _ in range(300)]})
+    pq.write_table(logs, tmp_path / "logs.parquet")
+    ctx = BuildContext(PipelineConfig(stages=[], data={"logs": "logs.parquet"}, base_dir=tmp_path), progress=False,
+                       log=lambda m: None)
+    recall = AssociationRecall(index="assoc", window=3, top_m=10)
+    recall._base_dir = tmp_path
+    recall.build(None, ctx)
+    rows = []
+    for q in range(40):
+        hist = [] if q % 13 == 0 else list(rng.choice(items + ["unknown"], int(rng.integers(1, 12))))
+        rows.append((f"q{q}", hist, list(rng.choice(items + ["new"], int(rng.integers(1, 20)), replace=False))))
+    batch = candidates(rows)
+    stage = HistoryFeatures(association="assoc", content=None, popularity=None, recency=0.7,
+                            features=[f for f, spec in HISTORY_FEATURES.items() if spec.needs in ("association", "")],
+                            copy_columns=[])
+    stage._base_dir = tmp_path
+    out = stage(batch)
+    index = AssociationIndex.load(tmp_path / "assoc")
+    m = np.vstack([index.matrix.toarray(), np.zeros(len(index))])  # row/column -1: unknown item, score 0
+    m = np.hstack([m, np.zeros((len(m), 1))])
+    expected = {f: [] for f in stage.features}
+    for _, hist, cands in rows:
+        h = index.positions(hist) if hist else np.zeros(0, np.int64)
+        for c in index.positions(cands):
+            s = m[h, c].astype(np.float32)
+            back = np.arange(len(h))[::-1]
+            best = max(s.max(initial=0), 0)
+            expected["assoc_last"].append(s[-1] if len(s) else 0)
+            expected["assoc_prev"].append(s[-2] if len(s) > 1 else 0)
+            expected["assoc_sum"].append(sum(float(v) * 0.7 ** b for v, b in zip(s, back)))
+            expected["assoc_max"].append(best)
+            expected["assoc_hits"].append((s > 0).sum())
+            expected["assoc_match_pos"].append(back[(s > 0) & (s == best)].min() if best > 0 else np.nan)
+            expected["assoc_reverse_last"].append(m[c, h[-1]] if len(h) else 0)
+            expected["history_len"].append(len(h))
+    for f, values in expected.items():
+        np.testing.assert_allclose(out.column(f"f_{f}").to_numpy(zero_copy_only=False), np.array(values, np.float32),
+                                   rtol=1e-6, err_msg=f)

@@ -30,9 +30,9 @@ LOG = pa.table({"query_id": list(range(1, 9)),
 STATS = {"stats": "artifacts/stats", "brand_column": "brand", "count_columns": ["colors"], "depth": 2}
 
 
-def _shop(tmp_path, holdout_fraction=0.0, **params):
+def _shop(tmp_path, holdout_fraction=0.0, log=LOG, **params):
     pq.write_table(CATALOG, tmp_path / "catalog.parquet")
-    pq.write_table(LOG, tmp_path / "judgments.parquet")
+    pq.write_table(log, tmp_path / "judgments.parquet")
     cfg = PipelineConfig(stages=[
         {"type": "recall.bm25", "params": {"index": "artifacts/bm25", "k": 3, "item_text": ["title"]}},
         {"type": "features.item_stats", "params": {**STATS, "holdout_fraction": holdout_fraction, **params}},
@@ -41,9 +41,9 @@ def _shop(tmp_path, holdout_fraction=0.0, **params):
     return load_config(tmp_path / "p.toml")
 
 
-def _expected_retrievals(pipe, holdout_fraction):
-    log = pl.from_arrow(LOG.select(["query_id", "query"]))
-    log = log.filter(~pl.Series(holdout_mask(LOG.column("query_id"), holdout_fraction, 0)))
+def _expected_retrievals(pipe, holdout_fraction, table=LOG):
+    log = pl.from_arrow(table.select(["query_id", "query"]))
+    log = log.filter(~pl.Series(holdout_mask(table.column("query_id"), holdout_fraction, 0)))
     cands = pl.from_arrow(pipe.stages[0](log.to_arrow())).filter(pl.col("rank") <= 2)
     return cands.group_by("item_id").len().to_dict(as_series=False)
 
@@ -125,3 +125,16 @@ def test_item_stats_conform(built, check):
     cands = pa.table({"query_id": [1, 1, 2], "item_id": [10, 14, 12], "score": pa.array([2.0, 1.0, 3.0], pa.float32()),
                       "segment": ["a", "a", "b"]})
     CHECKS[check](StageCase(stage, cands))
+
+
+def test_retrieval_counts_summed_over_batches(tmp_path):
+    """A query log of several build batches (256 queries each) is counted batch by batch, never
+    held whole; the counts equal those of every candidate at once."""
+    log = pa.table({"query_id": list(range(1, 601)), "query": LOG.column("query").to_pylist() * 75,
+                    "product_id": LOG.column("product_id").to_pylist() * 75, "relevance": [3.0] * 600})
+    pipe = build_artifacts(_shop(tmp_path, log=log), progress=False, log=lambda m: None)
+    expected = _expected_retrievals(pipe, 0.0, log)
+    stats = pl.read_parquet(tmp_path / "artifacts" / "stats" / "item_stats.parquet")
+    counts = dict(zip(expected["item_id"], expected["len"]))
+    assert {r["item_id"]: r["f_retrieved_by"] for r in stats.to_dicts()} == {i: float(counts.get(i, 0)) for i in range(10, 16)}
+    assert max(counts.values()) > 256
