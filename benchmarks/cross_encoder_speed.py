@@ -47,25 +47,6 @@ def _pairs(n: int) -> tuple[list[str], list[str], str]:
     return [" ".join(x.split()[:2]) for x in t], t, "demo"
 
 
-def _model_folder(root: Path, layers: int, max_length: int) -> Path:
-    """An untrained ``layers``-deep MiniLM cross-encoder saved as the stage loads it (safetensors + manifest)."""
-    from sentence_transformers import CrossEncoder
-
-    from pipeline.artifacts import sha256_file, write_json_atomic
-    from stages.sentence_transformers import resolve_model
-
-    ce = CrossEncoder(resolve_model("all-MiniLM-L6-v2")[0], num_labels=1, max_length=max_length, device="cpu",
-                      local_files_only=True)
-    hf = ce[0].auto_model
-    hf.bert.encoder.layer = hf.bert.encoder.layer[:layers]
-    hf.config.num_hidden_layers = layers
-    folder = root / f"ce-{layers}"
-    ce.save(str(folder))
-    write_json_atomic(folder / "manifest.json", {"kind": "cross-encoder", "layers": layers, "files": {
-        p.name: sha256_file(p) for p in folder.iterdir() if p.is_file()}})
-    return folder
-
-
 def _long_form(queries: list[str], titles: list[str], k: int):
     """The pairs as a stage input: ``k`` candidates per query id (query text per row), ranks 1..k."""
     import numpy as np
@@ -92,7 +73,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from stages.cross_encoder import CrossEncoderReranker, cpu_has_bf16
+    from stages.cross_encoder import CrossEncoderReranker, cpu_has_bf16, save_untrained
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,7 +86,7 @@ def main(argv=None) -> dict:
     n_q = max(1, len(pairs) // max(args.k))
     for layers in args.layers:
         with tempfile.TemporaryDirectory() as tmp:
-            folder = _model_folder(Path(tmp), layers, args.max_length)
+            folder = save_untrained(Path(tmp) / f"ce-{layers}", layers=layers, max_length=args.max_length)
             for precision in precisions:
                 stage = CrossEncoderReranker(model=str(folder), k=max(args.k), batch_size=args.batch_size,
                                              max_length=args.max_length, precision=precision, device="cpu")

@@ -25,7 +25,7 @@ from .features import FEATURE_PREFIX
 from .lightgbm import rerank, sample_queries
 from .sentence_transformers import DEFAULT_MODEL, resolve_model
 
-__all__ = ["CrossEncoderReranker", "CE_SCORE", "PREV_SCORE", "cpu_has_bf16"]
+__all__ = ["CrossEncoderReranker", "CE_SCORE", "PREV_SCORE", "cpu_has_bf16", "save_untrained"]
 
 #: The cross-encoder's logit for the top-``k`` rows of each query (NaN below them): a ranking feature.
 CE_SCORE = f"{FEATURE_PREFIX}ce_score"
@@ -389,6 +389,22 @@ class CrossEncoderReranker(Stage):
             run = cands.select([QUERY_ID, ITEM_ID]).with_columns(pl.Series(SCORE, score)).to_arrow()
             out[name] = round(float(evaluate(run, judged, k_values=(10,), metrics=("ndcg",))["ndcg@10"]), 4)
         return out
+
+
+def save_untrained(folder: str | Path, *, base_model: str = DEFAULT_MODEL, layers: int | None = None,
+                   max_length: int = 48) -> Path:
+    """Save a cross-encoder made from ``base_model`` with a new, untrained head (the first ``layers``
+    layers) to ``folder`` as the stage loads one: safetensors and a manifest with checksums. For
+    speed measurements and tests; ``funnel build`` writes trained ones."""
+    folder = Path(folder)
+    stage = CrossEncoderReranker(base_model=base_model, layers=layers, max_length=max_length)
+    ce = stage._init_model(resolve_model(base_model)[0])
+    ce.save(str(folder), safe_serialization=True)
+    write_json_atomic(folder / "manifest.json", {
+        "kind": "cross-encoder", "trained": False, "base_model": base_model,
+        "layers": int(ce[0].auto_model.config.num_hidden_layers),
+        "files": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"}})
+    return folder
 
 
 def _fmt(v: float | None) -> str:

@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.demo import demo_config
 from pipeline.testing import CHECKS, StageCase
 
-from stages.cross_encoder import CE_SCORE, PREV_SCORE, CrossEncoderReranker, _new_scores
+from stages.cross_encoder import CE_SCORE, PREV_SCORE, CrossEncoderReranker, _new_scores, cpu_has_bf16, save_untrained
 
 K = 10
 #: A 2-layer cross-encoder, a few hundred pairs: seconds of training on 2 CPU cores
@@ -103,22 +103,49 @@ def test_weights_are_safetensors_with_checksums(ce_shop, tmp_path):
         CrossEncoderReranker(model=str(copy), device="cpu").warm_up()
 
 
-@pytest.mark.slow
-def test_top_k_reordered_the_rest_kept_below(ce_pipeline, ce_shop):
-    step = [s.name for s in ce_pipeline].index("rerank.cross_encoder")
-    queries = pq.read_table(ce_shop[0] / "data" / "queries.parquet").slice(0, 6)
-    before = ce_pipeline[:step](queries)
-    out = ce_pipeline.stages[step](before)
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A 1-layer cross-encoder with an untrained head, saved as the stage loads one (seconds)."""
+    return save_untrained(tmp_path_factory.mktemp("ce") / "v0", layers=1)
+
+
+def _candidates(n_queries=4, per_query=12):
+    words = ["drill", "bit", "saw", "blade", "paint", "brush", "white", "cordless", "hammer", "nail", "wood", "screw"]
+    rows = []
+    for q in range(n_queries):
+        query = f"{words[q]} {words[q + 1]}"
+        for r in range(per_query):
+            title = " ".join(words[(q + r + j) % len(words)] for j in range(1 + r % 5))
+            rows.append({"query_id": q, "query": query, "item_id": f"i{q}-{r}", "title": title,
+                         "score": float(per_query - r), "rank": r + 1})
+    return pa.Table.from_pylist(rows, schema=pa.schema([
+        ("query_id", pa.int64()), ("query", pa.string()), ("item_id", pa.string()), ("title", pa.string()),
+        ("score", pa.float32()), ("rank", pa.int32())]))
+
+
+def test_top_k_reordered_the_rest_kept_below(untrained):
+    stage = CrossEncoderReranker(model=str(untrained), k=5, precision="fp32", device="cpu")
+    before = _candidates()
+    out = stage(before)
     assert out.num_rows == before.num_rows
     for q in set(out.column("query_id").to_pylist()):
         rows = [r for r in out.to_pylist() if r["query_id"] == q]
-        top, rest = rows[:K], rows[K:]
-        assert all(r["recall_rank"] <= K for r in top) and all(not np.isnan(r[CE_SCORE]) for r in top)
+        top, rest = rows[:5], rows[5:]
+        assert all(r["recall_rank"] <= 5 for r in top) and all(not np.isnan(r[CE_SCORE]) for r in top)
         assert [r["recall_rank"] for r in rest] == sorted(r["recall_rank"] for r in rest)
         assert all(np.isnan(r[CE_SCORE]) for r in rest)
         assert [r[CE_SCORE] for r in top] == sorted((r[CE_SCORE] for r in top), reverse=True)
         assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
         assert all(r[PREV_SCORE] == r["recall_score"] for r in rows)
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_has_it(untrained):
+    stage = CrossEncoderReranker(model=str(untrained), k=5, device="cpu")
+    stage.warm_up()
+    assert stage.precision_ == ("bf16" if cpu_has_bf16() else "fp32")
+    fp32 = CrossEncoderReranker(model=str(untrained), k=5, precision="fp32", device="cpu")
+    pairs = (["cordless drill"] * 3, ["cordless drill bit", "white paint", "hammer"])
+    np.testing.assert_allclose(stage.score_pairs(*pairs), fp32.score_pairs(*pairs), atol=0.1)
 
 
 @pytest.mark.slow
@@ -150,12 +177,21 @@ def test_bad_params_are_named(param, value):
         CrossEncoderReranker(**{param: value}).validate_params()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("check", [pytest.param(c, marks=[pytest.mark.gpu] if c == "cpu_gpu_parity" else [])
                                    for c in CHECKS])
-def test_conforms(check, ce_pipeline, ce_shop):
-    step = [s.name for s in ce_pipeline].index("rerank.cross_encoder")
-    queries = pq.read_table(ce_shop[0] / "data" / "queries.parquet").slice(0, 6)
-    stage = ce_pipeline.stages[step].clone(precision="fp32")
-    # bf16/fp16 on the GPU against fp32 on the CPU: logits agree to ~1e-2
-    CHECKS[check](StageCase(stage, ce_pipeline[:step](queries), parity_atol=5e-2))
+def test_conforms(check, untrained):
+    stage = CrossEncoderReranker(model=str(untrained), k=5, precision="fp32")
+    # fp32 on both devices; the tolerance leaves room for the GPU kernels
+    CHECKS[check](StageCase(stage, _candidates(), parity_atol=5e-2))
+
+
+def test_homedepot_rerank_config_composes_with_one_holdout_split():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "homedepot" / "rerank.toml")
+    pipe = cfg.build()
+    names = [s.name for s in pipe]
+    assert names[-4:] == ["rank.lightgbm", "rerank.cross_encoder", "rank.lightgbm", "display.topn"]
+    splits = {(s.holdout_fraction, s.seed) for s in pipe if s.name in ("rank.lightgbm", "rerank.cross_encoder")}
+    assert splits == {(0.2, 0)}
+    assert {CE_SCORE, PREV_SCORE} <= set(pipe.output_schema.names)
