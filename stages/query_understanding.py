@@ -374,6 +374,7 @@ class QueryUnderstandingFeatures(Stage):
         self.coef_ = {a: (tensors[f"{a}.coef"], tensors[f"{a}.bias"]) for a in self.attributes}
         self.oof_ = pl.read_parquet(folder / OOF_FILE) if (folder / OOF_FILE).exists() else None
         self.stem_ = _stemmer()
+        self.cache_: dict[str, dict[str, list[str]]] = {}
 
     def predict(self, queries: list[str]) -> dict[str, np.ndarray]:
         """Per attribute, the class probabilities of each query (rows) over ``classes_[attribute]``."""
@@ -403,6 +404,26 @@ class QueryUnderstandingFeatures(Stage):
         return pl.concat(parts) if parts else pl.DataFrame(schema={"__q": pl.UInt32, "attribute": pl.String,
                                                                    "value": pl.String, "prob": pl.Float32})
 
+    def _candidate_values(self, frame: pl.DataFrame, attribute: str) -> pl.Series:
+        """Per candidate row, its values of ``attribute`` (a list<str> Series named ``value``)."""
+        col = self._column(attribute)
+        if attribute in ("type", "size"):
+            # read from the title in Python: once per distinct title, remembered across batches
+            # (at most one entry per catalog title)
+            cache = self.cache_.setdefault(attribute, {})
+            titles = frame[col].cast(pl.String).to_list()
+            missing = list({t for t in titles if t not in cache})
+            if missing:
+                cache.update(zip(missing, _values(attribute, pl.Series(missing, dtype=pl.String), self.stem_)))
+            return _list_series("value", [cache[t] for t in titles])
+        if isinstance(frame.schema[col], pl.List):
+            clean = pl.element().cast(pl.String).str.strip_chars().str.to_lowercase()
+            expr = pl.col(col).list.eval(clean.filter(clean.str.len_chars() > 0))
+        else:
+            v = pl.col(col).cast(pl.String).str.strip_chars().str.to_lowercase()
+            expr = pl.when(v.str.len_chars() > 0).then(v.str.split("\x00"))
+        return frame.select(expr.cast(pl.List(pl.String)).alias("value")).to_series()
+
     def transform(self, table: pa.Table) -> pa.Table:
         names = self.feature_names()
         frame = pl.from_arrow(table).drop([c for c in names if c in table.column_names]).with_row_index("__row")
@@ -417,13 +438,7 @@ class QueryUnderstandingFeatures(Stage):
             queries, on=[QUERY_ID, QUERY], how="left", maintain_order="left").select("__row", "__q")
         features = {}
         for a in self.attributes:
-            col = self._column(a)
-            if a in ("type", "size"):  # read from the title: worked out once per distinct title
-                titles = frame.select(pl.col(col).cast(pl.String)).unique()[col]
-                per = dict(zip(titles.to_list(), _values(a, titles, self.stem_)))
-                values = _list_series("value", [per[t] for t in frame[col].cast(pl.String).to_list()])
-            else:
-                values = _list_series("value", _values(a, frame[col], self.stem_))
+            values = self._candidate_values(frame, a)
             cand = (rows.with_columns(values.alias("value"))
                     .with_columns(pl.when(pl.col("value").list.len() > 0).then(pl.col("value"))
                                   .otherwise(pl.lit([NONE], dtype=pl.List(pl.String))))
