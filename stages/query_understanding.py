@@ -121,7 +121,9 @@ class QueryUnderstandingFeatures(Stage):
     the query's stemmed words, word pairs and character 3-grams (:func:`query_terms`), stored
     as safetensors + a JSON vocabulary + manifest (no pickle). On the Home Depot judgments it
     trains in seconds where a multinomial logistic regression took minutes per attribute for
-    two points more type accuracy (0.41 against 0.39). The queries a ``holdout_fraction``/``seed`` hash holds out are never
+    two points more type accuracy (0.41 against 0.39). Its nearly flat probabilities are
+    sharpened by the temperature (a factor on the logits) that minimises the log loss on the
+    out-of-fold (else validation) predictions, recorded in the manifest. The queries a ``holdout_fraction``/``seed`` hash holds out are never
     read — keep them equal to the ranker's (the defaults are). The manifest records each
     attribute's accuracy on ``valid_fraction`` of the training queries (split like the
     ranker's validation queries), with the model fitted on the others, against always
@@ -313,28 +315,35 @@ class QueryUnderstandingFeatures(Stage):
         folds = (np.array([hash_fold(q, self.cross_fit, self.seed) for q in labels[QUERY_ID].to_list()])
                  if self.cross_fit else None)
         tensors: dict[str, np.ndarray] = {"idf": tfidf.idf_.astype(np.float32)}
-        classes, accuracy, oof = {}, {}, []
+        classes, accuracy, oof, temperatures = {}, {}, [], {}
         for a in self.attributes:
             cls = self._classes(labels[a])
             index = {c: i for i, c in enumerate(cls)}
             y = np.array([index.get(v, 1) for v in labels[a].to_list()])
+            held_logits = None  # logits of queries a model did not see: they set the temperature
             if valid.any() and (~valid).any():
                 coef, bias = self._fit(X[~valid], y[~valid], len(cls), self.alpha)
-                pred = np.asarray(X[valid] @ coef.T + bias).argmax(axis=1)
+                held_logits, held_y = np.asarray(X[valid] @ coef.T + bias), y[valid]
                 majority = np.bincount(y[~valid], minlength=len(cls)).argmax()
-                accuracy[a] = {"accuracy": round(float((pred == y[valid]).mean()), 4),
-                               "majority_baseline": round(float((y[valid] == majority).mean()), 4),
+                accuracy[a] = {"accuracy": round(float((held_logits.argmax(axis=1) == held_y).mean()), 4),
+                               "majority_baseline": round(float((held_y == majority).mean()), 4),
                                "valid_queries": int(valid.sum()), "majority_class": cls[majority]}
             if folds is not None:
+                logits, seen = np.zeros((len(y), len(cls)), dtype=np.float32), np.zeros(len(y), dtype=bool)
                 for f in range(self.cross_fit):
                     inside = folds == f
                     if not inside.any() or inside.all():
                         continue
                     coef, bias = self._fit(X[~inside], y[~inside], len(cls), self.alpha)
-                    oof.append(_top_k(_softmax(np.asarray(X[inside] @ coef.T + bias)), cls, a,
-                                      labels[QUERY_ID].filter(pl.Series(inside)), labels[QUERY].filter(pl.Series(inside))))
-            tensors[f"{a}.coef"], tensors[f"{a}.bias"] = self._fit(X, y, len(cls), self.alpha)
-            classes[a] = cls
+                    logits[inside], seen[inside] = np.asarray(X[inside] @ coef.T + bias), True
+                held_logits, held_y = logits[seen], y[seen]
+            t = _temperature(held_logits, held_y) if held_logits is not None and len(held_y) else 1.0
+            if folds is not None:
+                oof.append(_top_k(_softmax(t * held_logits), cls, a, labels[QUERY_ID].filter(pl.Series(seen)),
+                                  labels[QUERY].filter(pl.Series(seen))))
+            coef, bias = self._fit(X, y, len(cls), self.alpha)
+            tensors[f"{a}.coef"], tensors[f"{a}.bias"] = coef * t, bias * t
+            classes[a], temperatures[a] = cls, t
 
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / MODEL_FILE))
@@ -346,7 +355,7 @@ class QueryUnderstandingFeatures(Stage):
         write_json_atomic(folder / "manifest.json", {
             "kind": "query-understanding", "build_key": key, "attributes": list(self.attributes),
             "train_queries": labels.height, "terms": len(vocab), "classes": {a: len(c) for a, c in classes.items()},
-            "valid_accuracy": accuracy, "files": {f: sha256_file(folder / f) for f in files},
+            "valid_accuracy": accuracy, "temperatures": temperatures, "files": {f: sha256_file(folder / f) for f in files},
         })
         shown = ", ".join(f"{a} {v['accuracy']:.2f} (majority {v['majority_baseline']:.2f})" for a, v in accuracy.items())
         return (f"{self.name}: {labels.height} training queries, {len(vocab)} terms; validation accuracy "
@@ -473,6 +482,19 @@ def hash_fold(query_id: Any, folds: int, seed: int) -> int:
 
     h = hashlib.blake2b(f"fold{seed}:{query_id}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") % folds
+
+
+def _temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The factor on the logits that minimises the log loss of held-out predictions: naive Bayes
+    over TF-IDF gives nearly flat probabilities (the best guess rarely above 0.05 on Home Depot
+    queries); scaled, they say how sure it is."""
+    best, best_loss = 1.0, float("inf")
+    for t in (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0):
+        p = _softmax(t * logits)[np.arange(len(y)), y]
+        loss = float(-np.log(np.maximum(p, 1e-12)).mean())
+        if loss < best_loss:
+            best, best_loss = t, loss
+    return best
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
