@@ -42,7 +42,9 @@ class TopNDisplay(Stage):
     title in another size or colour — are collapsed: the key is lower-cased, every match of
     ``variant_pattern`` is removed (by default sizes such as ``3/4 in.``, ``60-Watt``,
     ``5 gal.`` and colour words, :data:`DEFAULT_VARIANT_PATTERN`), punctuation and spacing are
-    normalised, and only the best-ranked item of each resulting key is kept per query. This
+    normalised, and only the best-ranked item of each resulting key is kept per query. With
+    ``variant_pattern = ""`` nothing is removed: only titles identical up to case, punctuation
+    and spacing collapse (the same product listed twice), sizes and colours stay apart. This
     happens before the ``cap_column`` cap, so a hidden variant does not use up its brand's
     places. Items with a null or emptied key are never collapsed.
     """
@@ -67,8 +69,10 @@ class TopNDisplay(Stage):
 
     def variant_keys(self, column: pl.Expr) -> pl.Expr:
         """The normalised variant key of a text column (null when nothing is left of it)."""
-        key = (column.cast(pl.String).str.to_lowercase().str.replace_all(self.variant_pattern, " ")
-               .str.replace_all(r"[^a-z0-9]+", " ").str.strip_chars())
+        key = column.cast(pl.String).str.to_lowercase()
+        if self.variant_pattern:
+            key = key.str.replace_all(self.variant_pattern, " ")
+        key = key.str.replace_all(r"[^a-z0-9]+", " ").str.strip_chars()
         return pl.when(key.str.len_chars() > 0).then(key)
 
     def validate_params(self) -> None:
@@ -81,8 +85,10 @@ class TopNDisplay(Stage):
             raise self._bad_param("cap", "None or an int >= 1")
         if self.variant_key is not None and (not isinstance(self.variant_key, str) or not self.variant_key):
             raise self._bad_param("variant_key", "None or a column name")
+        if not isinstance(self.variant_pattern, str):
+            raise self._bad_param("variant_pattern", "a regular expression (Rust regex syntax), or \"\" for none")
         try:
-            pl.Series([""]).str.replace_all(self.variant_pattern, " ")
+            pl.Series([""]).str.replace_all(self.variant_pattern or "x", " ")
         except (pl.exceptions.PolarsError, TypeError):
             raise self._bad_param("variant_pattern", "a regular expression (Rust regex syntax)") from None
 

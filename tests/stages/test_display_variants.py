@@ -51,3 +51,15 @@ def test_custom_pattern_and_bad_pattern():
 @pytest.mark.parametrize("check", [c for c in CHECKS if c != "cpu_gpu_parity"])
 def test_display_with_variants_conforms(check):
     CHECKS[check](StageCase(TopNDisplay(n=3, variant_key="title", cap_column="brand", cap=2), _candidates()))
+
+
+def test_empty_pattern_collapses_identical_titles_only():
+    table = pa.table({"query_id": [1] * 5,
+                      "title": ["Delta Vero Faucet in Chrome", "DELTA Vero Faucet in Chrome ", "Delta Vero Faucet in Nickel",
+                                "Delta Vero Faucet, in Chrome", "Philips 60-Watt LED Bulb"],
+                      "score": pa.array([5.0, 4.0, 3.0, 2.0, 1.0], pa.float32()),
+                      "rank": pa.array([1, 2, 3, 4, 5], pa.int32())})
+    out = TopNDisplay(n=10, variant_key="title", variant_pattern="")(table)
+    assert out.column("title").to_pylist() == ["Delta Vero Faucet in Chrome", "Delta Vero Faucet in Nickel",
+                                               "Philips 60-Watt LED Bulb"]
+    assert out.column("rank").to_pylist() == [1, 2, 3]
