@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -189,9 +190,30 @@ def test_cpu_gpu_parity(cases, which):
 @pytest.mark.gpu
 def test_cuda_training_matches_cpu_quality(tmp_path):
     logs = pattern_logs()
-    cpu = built(SequenceRecall(model="cpu", content=None, **SMALL), tmp_path, logs)
+    built(SequenceRecall(model="cpu", content=None, **SMALL), tmp_path, logs)
     gpu = built(SequenceRecall(model="gpu", content=None, **{**SMALL, "device": "cuda"}), tmp_path, logs)
     r_cpu = json.loads((tmp_path / "cpu" / "manifest.json").read_text())["training"]["valid_recall@10"]
     r_gpu = json.loads((tmp_path / "gpu" / "manifest.json").read_text())["training"]["valid_recall@10"]
     assert abs(r_cpu - r_gpu) <= 0.1 and r_gpu >= 0.8
-    assert gpu.clone(device="cpu") is not None
+    assert gpu.device == "cuda"
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.long
+def test_beauty_sequence_model_alone(tmp_path):
+    """On Amazon Beauty (leave-one-out, logs without each user's last item, no title embeddings so that
+    nothing needs encoding): the model alone ranks the held-out item in the top 10 for 4%+ of users
+    (published SASRec on the maintainers' later target: 0.0605)."""
+    from pipeline.data import next_item_targets
+
+    logs = pq.read_table(Path(__file__).resolve().parents[3] / "shared" / "data" / "amazon_beauty" /
+                         "sequences_train.parquet")
+    queries, judgments, prior = next_item_targets(logs)
+    stage = built(SequenceRecall(model="seq", k=10, epochs=5, batch_size=512, lr=0.005, negatives=256, patience=2,
+                                 num_threads=2, device="cpu"), tmp_path, prior)
+    recs = pa.concat_tables([stage(queries.slice(i, 2048)) for i in range(0, queries.num_rows, 2048)])
+    got = set(zip(recs.column("query_id").to_pylist(), recs.column("item_id").to_pylist()))
+    hits = sum((q, i) in got for q, i in zip(judgments.column("query_id").to_pylist(),
+                                             judgments.column("item_id").to_pylist()))
+    assert hits / queries.num_rows >= 0.04
