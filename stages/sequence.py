@@ -231,6 +231,28 @@ def train_sequence_model(sequences: list[np.ndarray], n_items: int, content: np.
     return model, info
 
 
+#: the Args entries of the parameters both stages share, appended to their docstrings
+_MODEL_ARGS = """        model: artifact folder of the model, relative to the config file's folder.
+        content: FAISS index folder of title embeddings (``recall.user_vector``'s) that feed the
+            item vectors through a learned projection; ``None`` for id embeddings only (build).
+        history_column: list column of item ids, oldest first.
+        dim: width of the item vectors and of the transformer (build).
+        layers: causal self-attention blocks (build).
+        heads: attention heads per block, a divisor of ``dim`` (build).
+        max_len: most recent history items the model reads (build).
+        dropout: dropout during training (build).
+        epochs: most training epochs; early stopping usually ends sooner (build).
+        batch_size: users per training batch (build).
+        lr: Adam learning rate (build).
+        negatives: items sampled per batch for the softmax; 0 = every item (build).
+        patience: epochs without a validation gain before training stops (build).
+        valid_users: users whose last item is held out for early stopping (build).
+        seed: seed of sampling and initialisation (build).
+        num_threads: CPU threads for torch; 0 leaves the default.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (training and scoring).
+"""
+
+
 def _user_vectors(model, histories: list[np.ndarray], max_len: int, device: str, vectors=None):
     """The model's output at the last position of each history (1-based rows; empty -> padding only)."""
     import torch
@@ -441,21 +463,8 @@ class SequenceRecall(_SequenceStage):
     into ``model``; ``features.sequence`` with the same parameters reads the same folder.
 
     Args:
-        model: artifact folder of the model, relative to the config file's folder.
         k: items per user.
         source: value of the ``source`` column.
-        content: FAISS index folder of title embeddings (``recall.user_vector``'s) that feed the
-            item vectors through a learned projection; ``None`` for id embeddings only (build).
-        history_column: list column of item ids, oldest first.
-        dim, layers, heads: width, self-attention blocks and heads of the transformer (build).
-        max_len: history items the model reads, the most recent ones (build).
-        dropout, epochs, batch_size, lr: training (build); ``epochs`` is an upper bound.
-        negatives: items sampled per batch for the softmax; 0 = every item (build).
-        patience: epochs without a validation gain before training stops (build).
-        valid_users: users whose last item is held out for early stopping (build).
-        seed: seed of sampling and initialisation (build).
-        num_threads: CPU threads for torch; 0 leaves the default.
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (training and scoring).
     """
 
     name = "recall.sequence"
@@ -519,7 +528,6 @@ class SequenceFeatures(_SequenceStage):
     Args:
         features: names from :data:`SEQUENCE_FEATURES`.
         prefix: feature names are ``f_<prefix>_<name>``.
-        (the rest as ``recall.sequence``)
     """
 
     name = "features.sequence"
@@ -586,3 +594,7 @@ class SequenceFeatures(_SequenceStage):
             result = result.append_column(pa.field(feature_column(f"{self.prefix}_{f}"), pa.float32()),
                                           pa.array(out[f], pa.float32()))
         return keep_input_types(result, table.schema)
+
+
+SequenceRecall.__doc__ = SequenceRecall.__doc__.rstrip(" ") + _MODEL_ARGS
+SequenceFeatures.__doc__ = SequenceFeatures.__doc__.rstrip(" ") + _MODEL_ARGS
