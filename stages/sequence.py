@@ -175,7 +175,7 @@ def train_sequence_model(sequences: list[np.ndarray], n_items: int, content: np.
             vectors = model.item_vectors()
             for start in range(0, len(valid_hist), 1024):
                 hist = valid_hist[start:start + 1024]
-                scores = _user_vectors(model, hist, max_len, device, vectors) @ vectors.T
+                scores = _user_vectors(model, hist, model.pos.num_embeddings, device, vectors) @ vectors.T
                 scores[:, 0] = -torch.inf
                 rows = np.repeat(np.arange(len(hist)), [len(h) for h in hist])
                 scores[torch.as_tensor(rows), torch.as_tensor(np.concatenate(hist))] = -torch.inf

@@ -217,3 +217,12 @@ def test_beauty_sequence_model_alone(tmp_path):
     hits = sum((q, i) in got for q, i in zip(judgments.column("query_id").to_pylist(),
                                              judgments.column("item_id").to_pylist()))
     assert hits / queries.num_rows >= 0.04
+
+
+def test_histories_longer_than_any_training_input_are_cut_to_the_model():
+    from stages.sequence import train_sequence_model
+
+    seqs = [np.array([1, 2, 3])] * 30 + [np.arange(1, 13)]          # seed 6 holds the long one out for validation
+    model, info = train_sequence_model(seqs, 12, None, dim=8, layers=1, heads=1, max_len=20, epochs=1, negatives=0,
+                                       valid_users=31, seed=6, progress=False)
+    assert model.pos.num_embeddings <= 11 and info["epochs_run"] == 1
