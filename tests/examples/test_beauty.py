@@ -147,3 +147,23 @@ def test_beauty_subset_leave_one_out(tmp_path):
     assert 0 < full["NDCG@10"] <= full["Recall@10"] <= 1
     assert full["Recall@10"] > content > popular
     assert full["Recall@10"] >= 0.95 * max(assoc, report["fused (RRF, no ranker)"]["Recall@10"])
+
+
+def test_sequence_variant_is_the_example_plus_the_sequence_model():
+    """pipeline-sequence.toml builds (schemas checked), adds the sequence source and features to
+    pipeline.toml and shares one model folder and one set of training parameters between them."""
+    from pipeline.config import load_config
+
+    base = load_config(EXAMPLE / "pipeline.toml").build()
+    seq = load_config(EXAMPLE / "pipeline-sequence.toml").build()
+    assert [s.name for s in seq.stages] == [s.name for s in base.stages][:3] + ["features.sequence"] + \
+        [s.name for s in base.stages][3:]
+    sources = {name: pipe.stages[0] for name, _, pipe in seq.stages[0]._pipelines()}
+    assert set(sources) == {"assoc", "content", "popular", "sequence"}
+    recall, feats = sources["sequence"], seq.stages[3]
+    from stages.sequence import TRAIN_PARAMS
+
+    assert recall.model == feats.model and recall.content == feats.content
+    assert {p: getattr(recall, p) for p in TRAIN_PARAMS} == {p: getattr(feats, p) for p in TRAIN_PARAMS}
+    assert {f.name for f in feats.produced_columns()} == {"f_seq_score", "f_seq_rank", "f_seq_logp"}
+    assert {"f_score_sequence", "f_rank_sequence"} <= set(seq.stages[2].produced_columns().names)

@@ -38,6 +38,8 @@ PARITY_TESTS = {
     "display.mmr": "tests/stages/test_gpu_parity.py",
     "recall.fused": "tests/stages/test_gpu_parity.py",
     "recall.user_vector": "tests/stages/test_gpu_parity.py",
+    "recall.sequence": "tests/stages/test_sequence.py",
+    "features.sequence": "tests/stages/test_sequence.py",
     "features.price_band": "examples/plugin/tests (parametrize_with_checks includes cpu_gpu_parity)",
 }
 
