@@ -76,11 +76,7 @@ def _ranker_folder(stages: list[dict]) -> str:
     return next(s["params"]["model"] for s in stages if s["type"] == "rank.lightgbm")
 
 
-#: rerank.toml's cross-encoder, cut to a smoke test as well (the example trains on 4,000 queries)
-SMALL_CE = {"max_train_queries": 64, "negatives": 4}
-
-
-@pytest.fixture(scope="module", params=["pipeline.toml", "dense.toml", "rerank.toml"])
+@pytest.fixture(scope="module", params=["pipeline.toml", "dense.toml"])
 def homedepot_run(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("homedepot")
     catalog, _ = _subset(root / "data")
@@ -88,9 +84,6 @@ def homedepot_run(request, tmp_path_factory):
     # Same stages and parameters as the example; only the data (relative to the config) and the encoder's training differ.
     doc["data"] = {"catalog": "data/catalog.parquet", "judgments": "data/judgments.parquet"}
     _small_training(doc["stages"])
-    for stage in doc["stages"]:
-        if stage["type"] == "rerank.cross_encoder":
-            stage["params"].update(SMALL_CE)
     config = root / "pipeline.toml"
     config.write_text(tomli_w.dumps(doc))
 
@@ -113,16 +106,6 @@ def test_one_build_command_trains_the_encoder_first(homedepot_run):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["built_by"] == "funnel build" and manifest["training"]["train_pairs"] == 64
     assert manifest["split"]["holdout_fraction"] == 0.2 and manifest["item_text"] == ["title", "brand"]
-
-
-def test_rerank_config_fine_tunes_the_cross_encoder_outside_the_holdout(homedepot_run):
-    if homedepot_run["config"] != "rerank.toml":
-        pytest.skip("only rerank.toml has a cross-encoder")
-    manifest = json.loads((homedepot_run["root"] / "artifacts" / "cross_encoder" / "v1" / "manifest.json").read_text())
-    assert manifest["layers"] == 2 and manifest["holdout_fraction"] == 0.2 and "model.safetensors" in manifest["files"]
-    assert manifest["train_queries"] + manifest["valid_queries"] <= SMALL_CE["max_train_queries"]
-    final = json.loads((homedepot_run["root"] / "artifacts" / "main" / "ranker-ce" / "manifest.json").read_text())
-    assert "f_ce_score" in final["features"] and "f_prev_score" in final["features"]
 
 
 def test_subset_is_what_was_asked(homedepot_run):
