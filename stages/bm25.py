@@ -325,83 +325,26 @@ class BM25Recall(Stage):
         order = np.lexsort((hits, -scores[hits]))[: self.k]
         return hits[order], scores[hits[order]].astype(np.float32)
 
-    def _term_matrix(self):
-        """The index as a (terms x items) CSR matrix of per-term BM25 contributions (built once)."""
-        matrix = getattr(self, "terms_", None)
-        if matrix is None:
-            import scipy.sparse as sp
-
-            sc = self.retriever_.scores
-            matrix = self.terms_ = sp.csr_matrix((sc["data"], sc["indices"], sc["indptr"]),
-                                                 shape=(len(sc["indptr"]) - 1, sc["num_docs"]))
-        return matrix
-
-    def search_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Like :meth:`search` for many texts at once: (query row, item position, score) of every hit.
-
-        One sparse product (queries x terms) @ (terms x items) scores the whole batch; each query's
-        distinct known terms have weight 1 and are summed in ascending term order, as bm25s'
-        ``get_scores_from_ids`` does, so scores are bit-identical to :meth:`search`. Hits are the
-        items sharing a term with the query (the product's stored entries); the best ``k`` per
-        row are kept with ``argpartition`` and ordered by score, then catalog position. With
-        ``method = "robertson"`` an IDF can be negative and a shared term's sum exactly 0, which
-        a sparse product does not store, so that method goes query by query through :meth:`search`.
-        """
-        import scipy.sparse as sp
-
-        retriever = self.retriever_
-        if self.method == "robertson":
-            found = [self.search(t) for t in texts]
-            rows = [np.full(len(pos), i, np.int64) for i, (pos, _) in enumerate(found)]
-            cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
-            return cat(rows, np.int64), cat([p for p, _ in found], np.int64), cat([s for _, s in found], np.float32)
-        vocab = retriever.vocab_dict
-        terms = self._term_matrix()
-        qptr, qterms = [0], []
-        for text in texts:
-            ids = sorted({vocab[t] for t in self.tokenizer_(text) if t in vocab})
-            qterms += ids
-            qptr.append(len(qterms))
-        n = len(texts)
-        dtype = terms.dtype
-        query = sp.csr_matrix((np.ones(len(qterms), dtype), np.asarray(qterms, np.int64), np.asarray(qptr, np.int64)),
-                              shape=(n, terms.shape[0]))
-        product = (query @ terms).tocsr()
-        product.sort_indices()
-        indptr, cols, vals = product.indptr, product.indices, product.data
-        if retriever.nonoccurrence_array is not None:
-            extra = [retriever.nonoccurrence_array[qterms[qptr[i]:qptr[i + 1]]].sum() for i in range(n)]
-            vals = vals + np.repeat(np.asarray(extra, vals.dtype), np.diff(indptr))
-        rows, positions, scores = [], [], []
-        for i in range(n):
-            lo, hi = indptr[i], indptr[i + 1]
-            hits, sc = cols[lo:hi], vals[lo:hi]
-            if hi - lo > self.k:
-                keep = np.argpartition(-sc, self.k - 1)[: self.k]
-                kth = sc[keep].min()
-                keep = np.flatnonzero(sc >= kth)
-                hits, sc = hits[keep], sc[keep]
-            order = np.lexsort((hits, -sc))[: self.k]
-            rows.append(np.full(len(order), i, np.int64))
-            positions.append(hits[order].astype(np.int64))
-            scores.append(sc[order].astype(np.float32))
-        cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
-        return cat(rows, np.int64), cat(positions, np.int64), cat(scores, np.float32)
-
     def transform(self, table: pa.Table) -> pa.Table:
         reasons = self.invalid_rows(table)
         if reasons is not None:
             row = int(np.argmax(pc.is_valid(reasons).to_numpy(zero_copy_only=False)))
             raise DataError(f"stage '{self.name}': column '{self.query_column}' is null or empty for query "
                             f"{table.column(QUERY_ID)[row].as_py()!r}")
-        rows, positions, scores = self.search_batch(table.column(self.query_column).to_pylist())
-        starts = np.searchsorted(rows, rows, side="left")
-        ranks = (np.arange(len(rows)) - starts + 1).astype(np.int32)
+        rows, positions, scores, ranks = [], [], [], []
+        for i, text in enumerate(table.column(self.query_column).to_pylist()):
+            pos, sc = self.search(text)
+            rows.append(np.full(len(pos), i, np.int64))
+            positions.append(pos)
+            scores.append(sc)
+            ranks.append(np.arange(1, len(pos) + 1, dtype=np.int32))
+        cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype))
+        rows, positions = cat(rows, np.int64), cat(positions, np.int64)
         kept = [c for c in table.column_names if c not in {ITEM_ID, SCORE, RANK, SOURCE}]
         out = table.select(kept).take(pa.array(rows, pa.int64()))
         return (
             out.append_column(ITEM_ID, self.ids_.take(pa.array(positions, pa.int64())))
-            .append_column(pa.field(SCORE, pa.float32()), pa.array(scores, pa.float32()))
-            .append_column(pa.field(RANK, pa.int32()), pa.array(ranks, pa.int32()))
+            .append_column(pa.field(SCORE, pa.float32()), pa.array(cat(scores, np.float32), pa.float32()))
+            .append_column(pa.field(RANK, pa.int32()), pa.array(cat(ranks, np.int32), pa.int32()))
             .append_column(pa.field(SOURCE, pa.string()), pa.repeat(pa.scalar(self.source, pa.string()), len(rows)))
         )

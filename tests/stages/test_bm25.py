@@ -125,28 +125,3 @@ def test_bm25_recall_conforms(built, check):
     queries = pa.table({"query_id": [1, 2, 3], "query": ["cordless drill", "led bulb", "copper pipe 3/4"],
                         "segment": ["a", "b", "c"]})
     CHECKS[check](StageCase(stage, queries))
-
-
-@pytest.mark.parametrize("method", ["lucene", "bm25+"])
-def test_batched_search_equals_query_by_query_search(tmp_path, method):
-    """The one-sparse-product batch search gives the same hits, scores and order as :meth:`search`."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    words = [f"w{i}" for i in range(40)] + ["drill", "drills", "3/4", "60-watt", "hose"]
-    titles = [" ".join(rng.choice(words, size=int(rng.integers(2, 8)))) for _ in range(300)]
-    pq.write_table(pa.table({"product_id": list(range(300)), "title": titles}), tmp_path / "catalog.parquet")
-    cfg = PipelineConfig(stages=[{"type": "recall.bm25", "params": {"index": "artifacts/bm25", "k": 7,
-                                                                    "item_text": ["title"], "method": method}}],
-                         data={"catalog": "catalog.parquet"})
-    cfg.save(tmp_path / "p.toml")
-    stage = build_artifacts(load_config(tmp_path / "p.toml"), progress=False, log=lambda m: None).stages[0]
-    stage.warm_up()
-    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 4)))) for _ in range(80)] + ["unknown words", "w1 w1"]
-    rows, positions, scores = stage.search_batch(texts)
-    for i, text in enumerate(texts):
-        pos, sc = stage.search(text)
-        assert positions[rows == i].tolist() == pos.tolist(), text
-        assert scores[rows == i].tobytes() == sc.tobytes(), text
-    out = stage(pa.table({"query_id": list(range(len(texts))), "query": texts}))
-    assert out.num_rows == len(rows) and out.column("rank").to_pylist()[:2] == [1, 2]
