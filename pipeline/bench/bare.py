@@ -8,9 +8,14 @@ library call on NumPy arrays and Polars frames. Feature expressions are written 
 purpose (they mirror ``stages/features.py``); ``funnel bench`` checks that both give the same
 top-N lists, so a drift shows up as ``agreement < 1`` in its report.
 
-Supported stage types: encode.sentence_transformers, recall.faiss, lookup.catalog, filter.rules
-(comparison, between, in/not_in with inline values, contains, is_null/not_null, any, negate),
-features.text, rank.lightgbm, display.topn. Anything else raises :class:`Unsupported`.
+Supported stage types: :data:`SUPPORTED` -- encode.sentence_transformers, recall.faiss,
+recall.bm25 (bm25s' stored matrix scored with one SciPy sparse product per batch, the query
+tokeniser written out again), recall.fused (its sources run as nested bare pipelines, fused with
+Polars), lookup.catalog, filter.rules (comparison, between, in/not_in with inline values,
+contains, is_null/not_null, any, negate), features.text (every feature), features.item_stats,
+rank.lightgbm, display.topn (cap and variant key). :data:`NOT_COVERED` lists the built-in stage
+types it does not cover yet, with the reason; a test checks that every registered built-in type
+is in one of the two. Anything else raises :class:`Unsupported`.
 
 Use it alone to time the bare pipeline::
 
@@ -31,20 +36,32 @@ import contextlib
 import json
 import operator
 import os
+import re
 import time
 import tomllib
 from functools import reduce
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["BarePipeline", "Unsupported", "SUPPORTED"]
+__all__ = ["BarePipeline", "Unsupported", "SUPPORTED", "NOT_COVERED"]
 
-SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "lookup.catalog", "filter.rules", "features.text",
-             "rank.lightgbm", "display.topn")
+SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "lookup.catalog",
+             "filter.rules", "features.text", "features.item_stats", "rank.lightgbm", "display.topn")
+#: Built-in stage types the baseline does not re-implement yet, and why: `funnel bench` then reports
+#: no overhead_ratio for a config that uses them (it says which type stopped it).
+NOT_COVERED = {
+    "recall.association": "session recommendation (history in, co-occurrence recall): not written yet",
+    "recall.user_vector": "session recommendation (mean of history item vectors + FAISS): not written yet",
+    "recall.popularity": "session recommendation (most popular items, history removed): not written yet",
+    "filter.history": "session recommendation (drops items already in the history): not written yet",
+    "features.history": "session recommendation (association/content/popularity features): not written yet",
+    "display.mmr": "maximal marginal relevance needs the item vectors; not written yet",
+}
 
 _TOKEN = r"[a-z0-9]+(?:[./][0-9]+)*"
 _NUMBER = r"[0-9]+(?:[./][0-9]+)*"
@@ -83,28 +100,122 @@ def _mentions(col: str, query: str) -> pl.Expr:
             & pl.col(query).str.to_lowercase().str.contains(value, literal=True)).fill_null(False)
 
 
-def _feature(name: str, p: dict) -> pl.Expr:
-    q = p.get("query_column", "query")
-    overlap = pl.col("_ov")
+def _mentioned(df: pl.DataFrame, col: str, query: str) -> pl.Series:
+    """Per row: the attribute (text, or any element of a list column) occurs in the query."""
+    if not isinstance(df.schema[col], pl.List):
+        return df.select(_mentions(col, query)).to_series()
+    hit = (df.select(pl.col(query), pl.col(col).list.eval(pl.element().cast(pl.String)).alias("_v"))
+           .with_row_index("_row").explode("_v").select("_row", _mentions("_v", query).alias("_hit"))
+           .group_by("_row").agg(pl.col("_hit").any()))
+    return (pl.DataFrame({"_row": pl.int_range(df.height, eager=True).cast(hit.schema["_row"])})
+            .join(hit, on="_row", how="left").sort("_row")["_hit"].fill_null(False))
+
+
+def _stemmed(frame: pl.DataFrame, col: str, stemmer) -> pl.Expr:
+    vocab = frame.select(pl.col(col).explode().drop_nulls().unique()).to_series().to_list()
+    stems = dict(zip(vocab, stemmer.stemWords(vocab)))
+    return pl.col(col).list.eval(pl.element().replace_strict(stems, default=pl.element(), return_dtype=pl.String))
+
+
+_MENTION = {"brand_match": ("brand_column", "brand"), "color_match": ("color_column", "color"),
+            "material_match": ("material_column", "material")}
+
+
+def _feature(name: str, p: dict) -> list[pl.Expr]:
+    overlap, stem_overlap = pl.col("_ov"), pl.col("_qs").list.set_intersection(pl.col("_ts")).list.len()
+    sources = list(p.get("sources", ()))
+
+    def per_source(kind: str, missing: float) -> list[pl.Expr]:
+        return [pl.col(f"{kind}_{n}").cast(pl.Float64).fill_null(missing).fill_nan(missing).cast(pl.Float32)
+                .alias(f"f_{kind}_{n}") for n in sources]
+
+    if name == "source_scores":
+        return per_source("score", p.get("missing_score", -1.0))
+    if name == "source_ranks":
+        return per_source("rank", p.get("missing_rank", 1000))
     exprs = {
         "recall_score": lambda: pl.col(p.get("score_column", "score")),
         "recall_rank": lambda: pl.col(p.get("rank_column", "rank")),
+        "fusion_rank": lambda: pl.col(p.get("rank_column", "rank")),
+        "n_sources": lambda: pl.col(p.get("source_column", "source")).str.count_matches("+", literal=True).fill_null(-1) + 1,
         "overlap": lambda: overlap,
         "coverage": lambda: _div(overlap, pl.col("_q").list.len()),
         "jaccard": lambda: _div(overlap, pl.col("_q").list.n_unique() + pl.col("_t").list.n_unique() - overlap),
+        "stem_overlap": lambda: stem_overlap,
+        "stem_coverage": lambda: _div(stem_overlap, pl.col("_qs").list.unique().list.len()),
         "title_len": lambda: pl.col("_t").list.len(),
         "query_len": lambda: pl.col("_q").list.len(),
         "number_match": lambda: _div(pl.col("_qn").list.set_intersection(pl.col("_tn")).list.len(), pl.col("_qn").list.len()),
         "query_has_number": lambda: pl.col("_qn").list.len() > 0,
-        "brand_match": lambda: _mentions(p.get("brand_column", "brand"), q),
-        "color_match": lambda: _mentions(p.get("color_column", "color"), q),
-        "material_match": lambda: _mentions(p.get("material_column", "material"), q),
         "popularity": lambda: pl.col(p.get("popularity_column", "popularity")).cast(pl.Float64).fill_null(0.0)
         .clip(0.0).log1p(),
     }
+    if name in _MENTION:
+        return [pl.col("_m_" + p.get(*_MENTION[name])).cast(pl.Float32).alias("f_" + name)]
     if name not in exprs:
         raise Unsupported(f"feature {name!r}")
-    return exprs[name]().cast(pl.Float32).alias("f_" + name)
+    return [exprs[name]().cast(pl.Float32).alias("f_" + name)]
+
+
+# recall.bm25's query tokeniser, written out again (units normalised, compounds kept with their parts)
+_UNITS = {**dict.fromkeys(("in", "inch", "inches"), "in"), **dict.fromkeys(("ft", "foot", "feet"), "ft"),
+          **dict.fromkeys(("lb", "lbs", "pound", "pounds"), "lb"), **dict.fromkeys(("gal", "gallon", "gallons"), "gal"),
+          **dict.fromkeys(("w", "watt", "watts"), "w"), **dict.fromkeys(("v", "volt", "volts"), "v"),
+          **dict.fromkeys(("amp", "amps", "ampere", "amperes"), "amp"), **dict.fromkeys(("oz", "ounce", "ounces"), "oz"),
+          **dict.fromkeys(("qt", "quart", "quarts"), "qt"), **dict.fromkeys(("mm", "millimeter", "millimeters"), "mm"),
+          **dict.fromkeys(("cm", "centimeter", "centimeters"), "cm"), **dict.fromkeys(("yd", "yard", "yards"), "yd"),
+          **dict.fromkeys(("sq", "square"), "sq"), **dict.fromkeys(("cu", "cubic"), "cu"),
+          **dict.fromkeys(("ga", "gauge"), "gauge")}
+_INCH, _FOOT = re.compile(r"(\d)\s*(?:\"|''|”|″)"), re.compile(r"(\d)\s*(?:'|’|′)")
+_COMPOUND, _PIECE, _ALPHA = (re.compile(r"[a-z0-9]+(?:[./\-][a-z0-9]+)*"), re.compile(r"[a-z]+|[0-9]+(?:[./][0-9]+)*"),
+                             re.compile(r"[a-z]+"))
+
+
+def _bm25_tokenizer(stemmer: str | None, stopwords) -> Callable[[str], list[str]]:
+    import Stemmer
+
+    stem = Stemmer.Stemmer(stemmer) if stemmer else None
+    if stopwords == "en":
+        from bm25s.stopwords import STOPWORDS_EN
+
+        stop = frozenset(STOPWORDS_EN) - set(_UNITS)
+    else:
+        stop = frozenset(w.lower() for w in stopwords or ())
+
+    def word(token: str) -> str | None:
+        if token in _UNITS:
+            return _UNITS[token]
+        if token in stop:
+            return None
+        return stem.stemWord(token) if stem is not None and _ALPHA.fullmatch(token) else token
+
+    def tokenize(text: str) -> list[str]:
+        text = _FOOT.sub(r"\1 ft ", _INCH.sub(r"\1 in ", text.lower()))
+        out = []
+        for compound in _COMPOUND.findall(text):
+            parts = compound.split("-") if "-" in compound else []
+            pieces = [compound, *parts]
+            for part in parts or [compound]:
+                runs = _PIECE.findall(part)
+                if len(runs) > 1 and _ALPHA.search(part):
+                    pieces += runs
+            out += [w for w in map(word, pieces) if w]
+        return out
+
+    return tokenize
+
+
+# display.topn's default variant pattern, written out again: sizes with a unit, colour words, a lone "x"
+_COLOURS = ("soft white", "bright white", "warm white", "cool white", "daylight", "white", "black", "gray", "grey", "brown",
+            "beige", "red", "blue", "green", "yellow", "orange", "pink", "purple", "ivory", "almond", "bisque", "biscuit",
+            "cream", "tan", "natural", "clear", "silver", "gold", "copper", "chrome", "nickel", "brushed", "satin",
+            "polished", "oil rubbed", "oil-rubbed", "bronze", "brass", "stainless", "espresso", "cherry", "walnut",
+            "mahogany", "matte", "gloss", "semi-gloss", "charcoal", "slate", "sand", "navy", "multi-color")
+_SIZE_UNITS = ("in", "inch", "inches", "ft", "feet", "foot", "yd", "mm", "cm", "m", "w", "watt", "watts", "v", "volt",
+               "volts", "amp", "amps", "gal", "gallon", "gallons", "qt", "quart", "oz", "fl", "lb", "lbs", "pound",
+               "sq", "cu", "pack", "pk", "piece", "pc", "pcs", "count", "ct", "gauge", "ga", "btu", "cfm", "mph")
+_VARIANT_PATTERN = (r"\b\d+(?:[./-]\d+)*\s*-?\s*(?:" + "|".join(_SIZE_UNITS) + r")\b\.?"
+                    r"|\b(?:" + "|".join(c.replace("-", r"\-") for c in _COLOURS) + r")\b|\bx\b")
 
 
 _OPS = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge}
@@ -143,7 +254,7 @@ class BarePipeline:
 
     ``top`` overrides the display stage's ``n`` (as ``funnel run --top`` does); ``device``
     overrides the encoder's device (``"cpu"`` or ``"cuda"``); ``overrides`` replaces parameters,
-    ``{stage type: {param: value}}`` (as ``funnel bench --set`` does).
+    ``{stage type: {param: value}}`` (as ``funnel bench --set`` does, top-level stages only).
     """
 
     def __init__(self, config: str | Path, *, top: int | None = None, device: str | None = None,
@@ -151,144 +262,269 @@ class BarePipeline:
         config = Path(config)
         doc = tomllib.loads(config.read_text(encoding="utf-8"))
         self.base = config.resolve().parent
-        self.steps = []
-        for spec in doc["stages"]:
-            kind, params = spec["type"], {**spec.get("params", {}), **(overrides or {}).get(spec["type"], {})}
-            if kind not in SUPPORTED:
-                raise Unsupported(f"stage type {kind!r} (bare pipeline supports {', '.join(SUPPORTED)})")
-            if kind == "display.topn" and top is not None:
-                params["n"] = top
-            self.steps.append((kind, params))
         self.device = device
-        self._load()
+        specs = []
+        for spec in doc["stages"]:
+            params = {**spec.get("params", {}), **(overrides or {}).get(spec["type"], {})}
+            if spec["type"] == "display.topn" and top is not None:
+                params["n"] = top
+            specs.append({"type": spec["type"], "params": params})
+        self.steps = self._load(specs)
 
     def _path(self, value: str) -> Path:
         p = Path(value)
         return p if p.is_absolute() else self.base / p
 
-    def _load(self) -> None:
+    def _load(self, specs: list[dict]) -> list[tuple[str, dict, dict]]:
+        """``[(stage type, params, loaded state)]``; a fused stage's sources are loaded as nested lists."""
+        steps = []
+        for spec in specs:
+            kind, p = spec["type"], dict(spec.get("params", {}))
+            if kind not in SUPPORTED:
+                raise Unsupported(f"stage type {kind!r} (bare pipeline supports {', '.join(SUPPORTED)})")
+            steps.append((kind, p, self._load_step(kind, p)))
+        return steps
+
+    def _load_step(self, kind: str, p: dict) -> dict:
         import faiss
         import lightgbm as lgb
         import torch
         from sentence_transformers import SentenceTransformer
 
-        cuda = torch.cuda.is_available()
-        self.state = []
-        for kind, p in self.steps:
-            if kind == "encode.sentence_transformers":
-                device = p.get("device", "auto") if self.device is None else self.device
-                device = ("cuda" if cuda else "cpu") if device == "auto" else device
-                model = SentenceTransformer(_model_path(p.get("model", "all-MiniLM-L6-v2")), device=device)
-                if p.get("max_seq_length"):
-                    model.max_seq_length = p["max_seq_length"]
-                model.eval()
-                if p.get("precision") == "bf16" and device == "cpu":  # the whole model in bf16, as Funnel's stage
-                    model.to(torch.bfloat16)
-                attention = p.get("attention", "auto")
-                attention = "eager" if attention == "auto" and device == "cpu" else attention
-                if attention != "auto":  # the attention kernel Funnel's stage picks
-                    model[0].auto_model.set_attn_implementation(attention)
-                if p.get("compile"):
-                    model[0].auto_model.forward = torch.compile(model[0].auto_model.forward, dynamic=True,
-                                                                options={"freezing": True})
-                self.state.append({"model": model, "device": device})
-            elif kind == "recall.faiss":
-                folder = self._path(p.get("index", "artifacts/index"))
-                manifest = json.loads((folder / "manifest.json").read_text())
-                index = faiss.read_index(str(folder / "index.faiss"))
-                # the same faiss setting Funnel's FaissIndex uses: batches of >= 20 queries through BLAS
-                faiss.cvar.distance_compute_blas_threshold = min(faiss.cvar.distance_compute_blas_threshold, 20)
-                params = None
-                if p.get("ef_search") is not None:
-                    params = faiss.SearchParametersHNSW(efSearch=int(p["ef_search"]))
-                if p.get("nprobe") is not None:
-                    params = faiss.SearchParametersIVF(nprobe=int(p["nprobe"]))
-                ids = pq.read_table(folder / "ids.parquet").column("item_id").combine_chunks()
-                self.state.append({"index": index, "ids": pl.from_arrow(ids), "params": params,
-                                   "normalize": manifest.get("normalize", False), "metric": manifest["metric"]})
-            elif kind == "lookup.catalog":
-                columns = list(p.get("columns", ("title", "brand")))
-                items = pl.read_parquet(self._path(p.get("items", "artifacts/items")) / "items.parquet",
-                                        columns=["item_id", *columns])
-                self.state.append({"items": items, "columns": columns})
-            elif kind == "filter.rules":
-                rules = p.get("rules") or []
-                self.state.append({"expr": reduce(operator.and_, [_rule(r) for r in rules]) if rules else None})
-            elif kind == "features.text":
-                names = list(p.get("features", _DEFAULT_FEATURES))
-                q, t = p.get("query_column", "query"), p.get("title_column", "title")
-                # tokens and numbers once per distinct query and per distinct title, their overlap once
-                self.state.append({"query": q, "per_query": [_tokens(q).alias("_q"), _numbers(q).alias("_qn")],
-                                   "title": t, "per_title": [_tokens(t).alias("_t"), _numbers(t).alias("_tn")],
-                                   "exprs": [_feature(n, p) for n in names]})
-            elif kind == "rank.lightgbm":
-                booster = lgb.Booster(model_file=str(self._path(p.get("model", "artifacts/ranker")) / "model.txt"))
-                self.state.append({"booster": booster, "features": booster.feature_name(),
-                                   "threads": p.get("num_threads", 0)})
-            else:
-                self.state.append({})
+        if kind == "encode.sentence_transformers":
+            device = p.get("device", "auto") if self.device is None else self.device
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+            model = SentenceTransformer(_model_path(str(self._model_ref(p.get("model", "all-MiniLM-L6-v2")))), device=device)
+            if p.get("max_seq_length"):
+                model.max_seq_length = p["max_seq_length"]
+            model.eval()
+            if p.get("precision") == "bf16" and device == "cpu":  # the whole model in bf16, as Funnel's stage
+                model.to(torch.bfloat16)
+            attention = p.get("attention", "auto")
+            attention = "eager" if attention == "auto" and device == "cpu" else attention
+            if attention != "auto":  # the attention kernel Funnel's stage picks
+                model[0].auto_model.set_attn_implementation(attention)
+            if p.get("compile"):
+                model[0].auto_model.forward = torch.compile(model[0].auto_model.forward, dynamic=True,
+                                                            options={"freezing": True})
+            return {"model": model, "device": device}
+        if kind == "recall.faiss":
+            folder = self._path(p.get("index", "artifacts/index"))
+            manifest = json.loads((folder / "manifest.json").read_text())
+            index = faiss.read_index(str(folder / "index.faiss"))
+            # the same faiss setting Funnel's FaissIndex uses: batches of >= 20 queries through BLAS
+            faiss.cvar.distance_compute_blas_threshold = min(faiss.cvar.distance_compute_blas_threshold, 20)
+            params = None
+            if p.get("ef_search") is not None:
+                params = faiss.SearchParametersHNSW(efSearch=int(p["ef_search"]))
+            if p.get("nprobe") is not None:
+                params = faiss.SearchParametersIVF(nprobe=int(p["nprobe"]))
+            ids = pq.read_table(folder / "ids.parquet").column("item_id").combine_chunks()
+            return {"index": index, "ids": pl.from_arrow(ids), "params": params,
+                    "normalize": manifest.get("normalize", False), "metric": manifest["metric"]}
+        if kind == "recall.bm25":
+            import bm25s
+            import scipy.sparse as sp
+
+            folder = self._path(p.get("index", "artifacts/bm25"))
+            if p.get("method", "lucene") == "robertson":
+                raise Unsupported("recall.bm25 with method 'robertson' (negative IDFs)")
+            bm = bm25s.BM25.load(str(folder), load_corpus=False, mmap=False, allow_pickle=False)
+            sc = bm.scores
+            terms = sp.csr_matrix((sc["data"], sc["indices"], sc["indptr"]), shape=(len(sc["indptr"]) - 1, sc["num_docs"]))
+            ids = pq.read_table(folder / "ids.parquet").column("item_id").combine_chunks()
+            stemmer = p.get("stemmer", "english")
+            return {"terms": terms, "vocab": bm.vocab_dict, "extra": bm.nonoccurrence_array, "ids": pl.from_arrow(ids),
+                    "tokenize": _bm25_tokenizer(stemmer or None, p.get("stopwords", "en"))}
+        if kind == "recall.fused":
+            sources = [(src["name"], float(src.get("weight", 1.0)), self._load(src["stages"])) for src in p["sources"]]
+            return {"sources": sources}
+        if kind == "lookup.catalog":
+            columns = list(p.get("columns", ("title", "brand")))
+            items = pl.read_parquet(self._path(p.get("items", "artifacts/items")) / "items.parquet",
+                                    columns=["item_id", *columns])
+            return {"items": items, "columns": columns}
+        if kind == "filter.rules":
+            rules = p.get("rules") or []
+            return {"expr": reduce(operator.and_, [_rule(r) for r in rules]) if rules else None}
+        if kind == "features.text":
+            import Stemmer
+
+            names = list(p.get("features", _DEFAULT_FEATURES))
+            q, t = p.get("query_column", "query"), p.get("title_column", "title")
+            # tokens, numbers and stems once per distinct query and per distinct title, their overlap once
+            return {"query": q, "per_query": [_tokens(q).alias("_q"), _numbers(q).alias("_qn")],
+                    "title": t, "per_title": [_tokens(t).alias("_t"), _numbers(t).alias("_tn")],
+                    "stems": bool({"stem_overlap", "stem_coverage"} & set(names)), "stemmer": Stemmer.Stemmer("english"),
+                    "mentions": sorted({p.get(*_MENTION[n]) for n in names if n in _MENTION}),
+                    "exprs": [e for n in names for e in _feature(n, p)]}
+        if kind == "features.item_stats":
+            folder = self._path(p.get("stats", "artifacts/item_stats"))
+            names = json.loads((folder / "manifest.json").read_text())["features"]
+            return {"stats": pl.read_parquet(folder / "item_stats.parquet", columns=["item_id", *names]), "names": names}
+        if kind == "rank.lightgbm":
+            booster = lgb.Booster(model_file=str(self._path(p.get("model", "artifacts/ranker")) / "model.txt"))
+            return {"booster": booster, "features": booster.feature_name(), "threads": p.get("num_threads", 0)}
+        return {}
+
+    def _model_ref(self, model: str) -> str | Path:
+        """A model folder relative to the config (``artifacts/encoder/v3``), else the name as given."""
+        local = self._path(model)
+        return local if local.is_dir() else model
 
     def run(self, queries: pa.Table | pl.DataFrame) -> pl.DataFrame:
+        df = queries if isinstance(queries, pl.DataFrame) else pl.from_arrow(queries)
+        self.step_seconds = []
+        df, _ = self._run(self.steps, df, timed=True)
+        return df
+
+    def _run(self, steps, df: pl.DataFrame, timed: bool = False):
+        emb = None
+        for kind, p, s in steps:
+            t0 = time.perf_counter()
+            df, emb = self._step(kind, p, s, df, emb)
+            if timed:
+                self.step_seconds.append(time.perf_counter() - t0)
+        return df, emb
+
+    def _step(self, kind: str, p: dict, s: dict, df: pl.DataFrame, emb):
         import torch
 
-        df = queries if isinstance(queries, pl.DataFrame) else pl.from_arrow(queries)
-        emb = None
-        self.step_seconds = []
-        for (kind, p), s in zip(self.steps, self.state):
-            t0 = time.perf_counter()
-            if kind == "encode.sentence_transformers":
-                precision = p.get("precision", "fp32")
-                ctx = (contextlib.nullcontext() if precision == "fp32" or s["device"] == "cpu" else
-                       torch.autocast(s["device"], dtype=torch.bfloat16 if precision == "bf16" else torch.float16))
-                with torch.inference_mode(), ctx:
-                    out = s["model"].encode(df[p.get("text_column", "query")].to_list(), batch_size=p.get("batch_size", 64),
-                                            normalize_embeddings=p.get("normalize", True), convert_to_tensor=True)
-                emb = out.float().cpu().numpy()
-            elif kind == "recall.faiss":
-                import faiss
+        if kind == "encode.sentence_transformers":
+            precision = p.get("precision", "fp32")
+            ctx = (contextlib.nullcontext() if precision == "fp32" or s["device"] == "cpu" else
+                   torch.autocast(s["device"], dtype=torch.bfloat16 if precision == "bf16" else torch.float16))
+            with torch.inference_mode(), ctx:
+                out = s["model"].encode(df[p.get("text_column", "query")].to_list(), batch_size=p.get("batch_size", 64),
+                                        normalize_embeddings=p.get("normalize", True), convert_to_tensor=True)
+            emb = out.float().cpu().numpy()
+        elif kind == "recall.faiss":
+            import faiss
 
-                x = np.ascontiguousarray(emb, dtype=np.float32)
-                if s["normalize"]:
-                    faiss.normalize_L2(x)
-                k = min(p.get("k", 100), s["index"].ntotal)
-                scores, pos = s["index"].search(x, k, params=s["params"])
-                found = pos >= 0
-                rows = np.nonzero(found)[0]
-                hit = scores[found] if s["metric"] == "ip" else -scores[found]
-                df = df.drop(p.get("embedding_column", "query_embedding"), strict=False)[rows].with_columns(
-                    s["ids"].gather(pos[found]).alias("item_id"),
-                    pl.Series("score", hit, dtype=pl.Float32),
-                    pl.Series("rank", np.cumsum(found, axis=1, dtype=np.int32)[found]),
-                    pl.lit(p.get("source", "dense")).alias("source"),
-                )
-            elif kind == "lookup.catalog":
-                df = df.drop(s["columns"], strict=False).join(s["items"], on="item_id", how="left", maintain_order="left")
-            elif kind == "filter.rules":
-                if s["expr"] is not None:
-                    df = df.filter(s["expr"])
-            elif kind == "features.text":
-                per_query = df.select(pl.col(s["query"])).unique().with_columns(s["per_query"])
-                per_title = df.select(pl.col(s["title"])).unique().with_columns(s["per_title"])
-                df = (df.join(per_query, on=s["query"], how="left", maintain_order="left", nulls_equal=True)
-                      .join(per_title, on=s["title"], how="left", maintain_order="left", nulls_equal=True)
-                      .with_columns(pl.col("_q").list.set_intersection(pl.col("_t")).list.len().alias("_ov"))
-                      .with_columns(s["exprs"]).drop(["_q", "_qn", "_t", "_tn", "_ov"]))
-            elif kind == "rank.lightgbm":
-                x = df.select(s["features"]).to_numpy().astype(np.float32, copy=False)
-                scores = s["booster"].predict(x, num_threads=s["threads"]) if len(df) else np.zeros(0)
-                df = (df.rename({"score": "recall_score", "rank": "recall_rank"})
-                      .with_columns(pl.Series("score", scores.astype(np.float32)))
-                      .with_columns(pl.col("score").rank("ordinal", descending=True).over("query_id").cast(pl.Int32).alias("rank")))
-            elif kind == "display.topn":
-                df = df.with_row_index("_pos").with_columns(pl.col("_pos").min().over("query_id")).sort(
-                    ["_pos", "rank", "score"], descending=[False, False, True], maintain_order=True)
-                if p.get("cap_column"):
-                    seen = pl.int_range(pl.len()).over(["query_id", p["cap_column"]])
-                    df = df.filter(pl.col(p["cap_column"]).is_null() | (seen < p["cap"]))
-                df = (df.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("query_id").alias("rank"))
-                      .filter(pl.col("rank") <= p.get("n", 10)).drop("_pos"))
-            self.step_seconds.append(time.perf_counter() - t0)
-        return df
+            x = np.ascontiguousarray(emb, dtype=np.float32)
+            if s["normalize"]:
+                faiss.normalize_L2(x)
+            k = min(p.get("k", 100), s["index"].ntotal)
+            scores, pos = s["index"].search(x, k, params=s["params"])
+            found = pos >= 0
+            rows = np.nonzero(found)[0]
+            hit = scores[found] if s["metric"] == "ip" else -scores[found]
+            df = df.drop(p.get("embedding_column", "query_embedding"), strict=False)[rows].with_columns(
+                s["ids"].gather(pos[found]).alias("item_id"),
+                pl.Series("score", hit, dtype=pl.Float32),
+                pl.Series("rank", np.cumsum(found, axis=1, dtype=np.int32)[found]),
+                pl.lit(p.get("source", "dense")).alias("source"),
+            )
+        elif kind == "recall.bm25":
+            df = self._bm25(p, s, df)
+        elif kind == "recall.fused":
+            df = self._fused(p, s, df)
+        elif kind == "lookup.catalog":
+            df = df.drop(s["columns"], strict=False).join(s["items"], on="item_id", how="left", maintain_order="left")
+        elif kind == "filter.rules":
+            if s["expr"] is not None:
+                df = df.filter(s["expr"])
+        elif kind == "features.text":
+            df = self._text_features(s, df)
+        elif kind == "features.item_stats":
+            stats = s["stats"].with_columns(pl.col("item_id").cast(df.schema["item_id"]))
+            df = (df.drop(s["names"], strict=False).join(stats, on="item_id", how="left", maintain_order="left")
+                  .with_columns([pl.col(n).fill_null(0.0).cast(pl.Float32) for n in s["names"]]))
+        elif kind == "rank.lightgbm":
+            x = df.select(s["features"]).to_numpy().astype(np.float32, copy=False)
+            scores = s["booster"].predict(x, num_threads=s["threads"]) if len(df) else np.zeros(0)
+            df = (df.rename({"score": "recall_score", "rank": "recall_rank"})
+                  .with_columns(pl.Series("score", scores.astype(np.float32)))
+                  .with_columns(pl.col("score").rank("ordinal", descending=True).over("query_id").cast(pl.Int32).alias("rank")))
+        elif kind == "display.topn":
+            df = df.with_row_index("_pos").with_columns(pl.col("_pos").min().over("query_id")).sort(
+                ["_pos", "rank", "score"], descending=[False, False, True], maintain_order=True)
+            if p.get("variant_key"):
+                key = (pl.col(p["variant_key"]).cast(pl.String).str.to_lowercase()
+                       .str.replace_all(p.get("variant_pattern", _VARIANT_PATTERN), " ")
+                       .str.replace_all(r"[^a-z0-9]+", " ").str.strip_chars())
+                df = df.with_columns(pl.when(key.str.len_chars() > 0).then(key).alias("_variant"))
+                df = df.filter(pl.col("_variant").is_null() | (pl.int_range(pl.len()).over(["query_id", "_variant"]) == 0)
+                               ).drop("_variant")
+            if p.get("cap_column"):
+                seen = pl.int_range(pl.len()).over(["query_id", p["cap_column"]])
+                df = df.filter(pl.col(p["cap_column"]).is_null() | (seen < p["cap"]))
+            df = (df.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("query_id").alias("rank"))
+                  .filter(pl.col("rank") <= p.get("n", 10)).drop("_pos"))
+        return df, emb
+
+    def _bm25(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """BM25 of a batch: one sparse product (queries x terms) @ (terms x items), top k per row."""
+        import scipy.sparse as sp
+
+        k, vocab, terms = p.get("k", 100), s["vocab"], s["terms"]
+        qptr, qterms = [0], []
+        for text in df[p.get("query_column", "query")].to_list():
+            qterms += sorted({vocab[t] for t in s["tokenize"](text) if t in vocab})
+            qptr.append(len(qterms))
+        query = sp.csr_matrix((np.ones(len(qterms), terms.dtype), qterms, qptr), shape=(df.height, terms.shape[0]))
+        prod = (query @ terms).tocsr()
+        prod.sort_indices()
+        vals = prod.data
+        if s["extra"] is not None:
+            extra = [s["extra"][qterms[a:b]].sum() for a, b in zip(qptr[:-1], qptr[1:])]
+            vals = vals + np.repeat(np.asarray(extra, vals.dtype), np.diff(prod.indptr))
+        rows, cols, scores = [], [], []
+        for i in range(df.height):
+            lo, hi = prod.indptr[i], prod.indptr[i + 1]
+            hits, sc = prod.indices[lo:hi], vals[lo:hi]
+            if hi - lo > k:
+                keep = np.flatnonzero(sc >= sc[np.argpartition(-sc, k - 1)[:k]].min())
+                hits, sc = hits[keep], sc[keep]
+            order = np.lexsort((hits, -sc))[:k]
+            rows.append(np.full(len(order), i, np.int64))
+            cols.append(hits[order])
+            scores.append(sc[order])
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        cols = np.concatenate(cols).astype(np.int64) if cols else np.zeros(0, np.int64)
+        ranks = np.arange(len(rows)) - np.searchsorted(rows, rows) + 1
+        return df.drop(["item_id", "score", "rank", "source"], strict=False)[rows].with_columns(
+            s["ids"].gather(cols).alias("item_id"),
+            pl.Series("score", np.concatenate(scores) if scores else np.zeros(0), dtype=pl.Float32),
+            pl.Series("rank", ranks, dtype=pl.Int32), pl.lit(p.get("source", "bm25")).alias("source"))
+
+    def _fused(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """Every source on the same queries; reciprocal-rank (or min-max weighted) fusion with Polars."""
+        parts, names = [], [name for name, _, _ in s["sources"]]
+        for name, weight, steps in s["sources"]:
+            got, _ = self._run(steps, df)
+            got = got.select("query_id", "item_id", "score", "rank")
+            if p.get("method", "rrf") == "rrf":
+                contrib = weight / (p.get("rrf_k", 60) + pl.col("rank").cast(pl.Float64))
+            else:
+                lo, hi = pl.col("score").min().over("query_id"), pl.col("score").max().over("query_id")
+                contrib = weight * pl.when(hi > lo).then((pl.col("score") - lo) / (hi - lo)).otherwise(1.0)
+            parts.append(got.with_columns(contrib.alias("_c"), pl.lit(name).alias("_s"))
+                         .rename({"score": f"score_{name}", "rank": f"rank_{name}"}))
+        fused = (pl.concat(parts, how="diagonal_relaxed").group_by(["query_id", "item_id"], maintain_order=True)
+                 .agg(pl.col("_c").sum().cast(pl.Float32).alias("score"), pl.col("_s").str.join("+").alias("source"),
+                      *[pl.col(f"{c}_{n}").drop_nulls().first() for n in names for c in ("score", "rank")])
+                 .sort(["query_id", "score", "item_id"], descending=[False, True, False])
+                 .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("query_id").alias("rank"))
+                 .filter(pl.col("rank") <= p.get("k", 100)))
+        queries = df.drop(["item_id", "score", "rank", "source"], strict=False).with_row_index("_qpos")
+        fused = fused.with_columns(pl.col("query_id").cast(queries.schema["query_id"]))
+        return (queries.join(fused, on="query_id", how="inner").sort(["_qpos", "rank"]).drop("_qpos")
+                .with_columns([pl.col(f"score_{n}").cast(pl.Float32) for n in names]
+                              + [pl.col(f"rank_{n}").cast(pl.Int32) for n in names]))
+
+    def _text_features(self, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        per_query = df.select(pl.col(s["query"])).unique().with_columns(s["per_query"])
+        per_title = df.select(pl.col(s["title"])).unique().with_columns(s["per_title"])
+        if s["stems"]:
+            per_query = per_query.with_columns(_stemmed(per_query, "_q", s["stemmer"]).alias("_qs"))
+            per_title = per_title.with_columns(_stemmed(per_title, "_t", s["stemmer"]).alias("_ts"))
+        df = (df.join(per_query, on=s["query"], how="left", maintain_order="left", nulls_equal=True)
+              .join(per_title, on=s["title"], how="left", maintain_order="left", nulls_equal=True)
+              .with_columns(pl.col("_q").list.set_intersection(pl.col("_t")).list.len().alias("_ov"),
+                            *[_mentioned(df, c, s["query"]).alias("_m_" + c) for c in s["mentions"]])
+              .with_columns(s["exprs"]))
+        return df.drop(["_q", "_qn", "_t", "_tn", "_ov", "_qs", "_ts", *("_m_" + c for c in s["mentions"])], strict=False)
 
 
 def main() -> None:
