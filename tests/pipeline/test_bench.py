@@ -117,10 +117,91 @@ def test_sweeps_and_synthetic_ann_write_pareto_plots(demo_shop, tmp_path):
 
 
 def test_bare_baseline_refuses_a_stage_it_does_not_cover(tmp_path):
-    config = tmp_path / "bm25.toml"
-    config.write_text('[[stages]]\ntype = "recall.bm25"\n')
-    with pytest.raises(Unsupported, match="recall.bm25"):
+    config = tmp_path / "popular.toml"
+    config.write_text('[[stages]]\ntype = "recall.popularity"\n')
+    with pytest.raises(Unsupported, match="recall.popularity"):
         BarePipeline(config)
+
+
+def test_bare_baseline_covers_every_built_in_stage_type_or_says_why_not():
+    """Every stage type pyproject.toml registers is re-done by the baseline, or listed in
+    NOT_COVERED with a reason (so `funnel bench` gives an overhead_ratio on the pipelines users run)."""
+    registered = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["funnel.stages"])
+    assert not set(bare.SUPPORTED) & set(bare.NOT_COVERED)
+    assert registered == set(bare.SUPPORTED) | set(bare.NOT_COVERED), (
+        f"not covered and not listed: {sorted(registered - set(bare.SUPPORTED) - set(bare.NOT_COVERED))}; "
+        f"listed but not registered: {sorted((set(bare.SUPPORTED) | set(bare.NOT_COVERED)) - registered)}")
+    assert all(reason.strip() for reason in bare.NOT_COVERED.values())
+
+
+LEXICAL_HYBRID = """
+[pipeline]
+name = "lexical-hybrid"
+inputs = { query_id = "any", query = "string" }
+
+[data]
+catalog = "data/catalog.parquet"
+judgments = "data/judgments.parquet"
+
+[[stages]]
+type = "recall.fused"
+[stages.params]
+method = "rrf"
+k = 60
+sources = [
+  { name = "stems", stages = [ { type = "recall.bm25", params = { index = "artifacts/bm25", k = 40, item_text = ["title"], k1 = 0.9, b = 0.4 } } ] },
+  { name = "plain", weight = 0.5, stages = [ { type = "recall.bm25", params = { index = "artifacts/bm25-plain", k = 30, item_text = ["title", "brand"], stemmer = "", stopwords = [], method = "bm25+" } } ] },
+]
+
+[[stages]]
+type = "lookup.catalog"
+params = { items = "artifacts/items", columns = ["title", "brand", "color", "material"] }
+
+[[stages]]
+type = "filter.rules"
+params = { rules = [{ column = "title", op = "not_null" }] }
+
+[[stages]]
+type = "features.text"
+[stages.params]
+features = ["recall_score", "fusion_rank", "source_scores", "source_ranks", "n_sources", "overlap", "coverage", "jaccard",
+            "stem_overlap", "stem_coverage", "title_len", "query_len", "number_match", "query_has_number", "brand_match",
+            "color_match", "material_match"]
+sources = ["stems", "plain"]
+
+[[stages]]
+type = "features.item_stats"
+params = { stats = "artifacts/item_stats", brand_column = "brand", depth = 10 }
+
+[[stages]]
+type = "rank.lightgbm"
+params = { model = "artifacts/ranker", n_estimators = 30, holdout_fraction = 0.3, valid_fraction = 0.2 }
+
+[[stages]]
+type = "display.topn"
+params = { n = 20, variant_key = "title", cap_column = "brand", cap = 5 }
+"""
+
+
+@pytest.mark.slow
+def test_bare_baseline_of_a_fused_lexical_pipeline_returns_the_same_lists(tmp_path):
+    """recall.fused over two BM25 sources, every text feature, item statistics and variant collapse:
+    the bare baseline runs it (nothing skipped) and agrees with Funnel on every query."""
+    from pipeline.build import build_artifacts
+    from pipeline.config import load_config
+    from pipeline.demo_data import generate_demo_data
+
+    generate_demo_data(tmp_path / "data", n_items=300, n_queries=90, seed=2)
+    (tmp_path / "pipeline.toml").write_text(LEXICAL_HYBRID)
+    build_artifacts(load_config(tmp_path / "pipeline.toml"), progress=False, log=lambda m: None)
+    ranker = tmp_path / "artifacts" / "ranker"
+    result = invoke("bench", tmp_path / "pipeline.toml", "--queries", ranker / "holdout_queries.parquet",
+                    "--out", tmp_path / "bench", "--repeats", 1, "--warmup", 0, "--batch-size", 16, "--encoder-texts", 0,
+                    "--bare", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench" / "report.json").read_text())
+    assert report["overhead"]["agreement"] == 1.0 and report["overhead"]["overhead_ratio"] > 0
+    assert all(s["bare_p50_ms"] > 0 for s in report["stages"])
 
 
 def test_bare_baseline_imports_nothing_from_funnel():
