@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -136,34 +137,62 @@ class FusedRecall(Stage):
             pipe.warm_up()
 
     def transform(self, table: pa.Table) -> pa.Table:
+        return self.fuse(table, [pipe(table) for _, _, pipe in self._pipelines()])
+
+    def fuse(self, table: pa.Table, found: list[pa.Table]) -> pa.Table:
+        """The fused candidates of the query rows ``table``, given each source's output ``found``.
+
+        Each source's contribution is one Polars expression; the grouping by (query, item) is done
+        in NumPy on dense codes of the two keys (their sort order is the keys' own): the fused
+        score is Polars' sum over one integer group key, the provenance a bit mask per
+        candidate, and each source's score and rank are scattered to their candidate (the first
+        one where a source lists an item twice).
+        """
+        names = [n for n, _, _ in self._pipelines()]
         query_cols = [c for c in table.column_names if c not in (ITEM_ID, SCORE, RANK, SOURCE)]
         queries = pl.from_arrow(table.select(query_cols)).with_row_index("__qpos")
         parts = []
-        for name, weight, pipe in self._pipelines():
-            got = pl.from_arrow(pipe(table).select([QUERY_ID, ITEM_ID, SCORE, RANK]))
+        for i, ((name, weight, _), out) in enumerate(zip(self._pipelines(), found)):
+            got = pl.from_arrow(out.select([QUERY_ID, ITEM_ID, SCORE, RANK]))
             if self.method == "rrf":
                 contrib = weight / (self.rrf_k + pl.col(RANK).cast(pl.Float64))
             else:
                 lo, hi = pl.col(SCORE).min().over(QUERY_ID), pl.col(SCORE).max().over(QUERY_ID)
                 contrib = weight * pl.when(hi > lo).then((pl.col(SCORE) - lo) / (hi - lo)).otherwise(1.0)
-            parts.append(got.with_columns(contrib.alias("__contrib"), pl.lit(name).alias("__src"))
-                         .rename({SCORE: f"score_{name}", RANK: f"rank_{name}"}))
-        names = [n for n, _, _ in self._pipelines()]
-        long = pl.concat(parts, how="diagonal_relaxed")
-        fused = (long.group_by([QUERY_ID, ITEM_ID], maintain_order=True)
-                 .agg(pl.col("__contrib").sum().alias(SCORE),
-                      pl.col("__src").sort_by(pl.col("__src").replace_strict(names, list(range(len(names)))))
-                      .str.join("+").alias(SOURCE),
-                      *[pl.col(f"score_{n}").drop_nulls().first() for n in names],
-                      *[pl.col(f"rank_{n}").drop_nulls().first() for n in names]))
-        fused = (fused.with_columns(pl.col(SCORE).cast(pl.Float32))
-                 .sort([QUERY_ID, SCORE, ITEM_ID], descending=[False, True, False])
-                 .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over(QUERY_ID).alias(RANK))
-                 .filter(pl.col(RANK) <= self.k))
+            parts.append(got.select(QUERY_ID, ITEM_ID, pl.col(SCORE).cast(pl.Float32), pl.col(RANK).cast(pl.Int32),
+                                    contrib.alias("__contrib"), pl.lit(i, pl.Int64).alias("__src")))
+        long = pl.concat(parts, how="vertical_relaxed")
+        codes = long.select([(pl.col(c).rank("dense").cast(pl.Int64).fill_null(0)) for c in (QUERY_ID, ITEM_ID)])
+        qcode, icode = codes[QUERY_ID].to_numpy(), codes[ITEM_ID].to_numpy()
+        _, first, group = np.unique(qcode * (int(icode.max(initial=0)) + 1) + icode, return_index=True,
+                                    return_inverse=True)
+        n = len(first)
+        # Polars' own float sum (it is not a plain left-to-right sum), over one integer key
+        score = (pl.DataFrame({"__g": group, "__c": long["__contrib"]}).group_by("__g").agg(pl.col("__c").sum())
+                 .sort("__g")["__c"].cast(pl.Float32).to_numpy())
+        src = long["__src"].to_numpy()
+        mask = np.zeros(n, np.int64)
+        np.bitwise_or.at(mask, group, np.left_shift(1, src))
+        order = np.lexsort((icode[first], -score, qcode[first]))
+        q_sorted = qcode[first][order]
+        rank = np.arange(n) - np.searchsorted(q_sorted, q_sorted) + 1
+        order, rank = order[rank <= self.k], rank[rank <= self.k]
+        labels = pa.array(["+".join(nm for j, nm in enumerate(names) if m >> j & 1) for m in range(1 << len(names))])
+        per_source = {}
+        src_scores, src_ranks = long[SCORE].to_numpy(), long[RANK].to_numpy()
+        for i, name in enumerate(names):
+            rows = np.flatnonzero(src == i)[::-1]  # reversed: where a source repeats an item, its first row wins
+            value, rnk, have = np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, bool)
+            value[group[rows]], rnk[group[rows]], have[group[rows]] = src_scores[rows], src_ranks[rows], True
+            per_source[f"score_{name}"] = pa.array(value[order], pa.float32(), mask=~have[order])
+            per_source[f"rank_{name}"] = pa.array(rnk[order], pa.int32(), mask=~have[order])
+        keep = pa.array(first[order], pa.int64())
+        fused = pl.from_arrow(pa.table({
+            QUERY_ID: long[QUERY_ID].to_arrow().take(keep), ITEM_ID: long[ITEM_ID].to_arrow().take(keep),
+            SCORE: pa.array(score[order], pa.float32()), RANK: pa.array(rank, pa.int32()),
+            SOURCE: labels.take(pa.array(mask[order], pa.int64())), **per_source}))
         if fused.height:
             fused = fused.with_columns(pl.col(QUERY_ID).cast(queries.schema[QUERY_ID]))
-        out = (queries.join(fused, on=QUERY_ID, how="inner").sort(["__qpos", RANK]).drop("__qpos")
-               .with_columns([pl.col(f"score_{n}").cast(pl.Float32) for n in names]
-                             + [pl.col(f"rank_{n}").cast(pl.Int32) for n in names]))
+        out = queries.join(fused, on=QUERY_ID, how="inner").sort(["__qpos", RANK]).drop("__qpos")
         cols = query_cols + [ITEM_ID, SCORE, RANK, SOURCE] + [c for n in names for c in (f"score_{n}", f"rank_{n}")]
         return keep_input_types(out.select(cols).to_arrow(), table.schema)
