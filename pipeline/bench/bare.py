@@ -12,7 +12,7 @@ Supported stage types: :data:`SUPPORTED` -- encode.sentence_transformers, recall
 recall.bm25 (bm25s' stored matrix scored with one SciPy sparse product per batch, the query
 tokeniser written out again), recall.fused (its sources run as nested bare pipelines, fused with
 Polars), lookup.catalog, filter.rules (comparison, between, in/not_in with inline values,
-contains, is_null/not_null, any, negate), features.text (every feature), features.item_stats,
+contains, is_null/not_null, any, negate), filter.history, features.text (every feature), features.item_stats,
 rank.lightgbm, display.topn (cap and variant key). :data:`NOT_COVERED` lists the built-in stage
 types it does not cover yet, with the reason; a test checks that every registered built-in type
 is in one of the two. Anything else raises :class:`Unsupported`.
@@ -51,14 +51,13 @@ import pyarrow.parquet as pq
 __all__ = ["BarePipeline", "Unsupported", "SUPPORTED", "NOT_COVERED"]
 
 SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "lookup.catalog",
-             "filter.rules", "features.text", "features.item_stats", "rank.lightgbm", "display.topn")
+             "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn")
 #: Built-in stage types the baseline does not re-implement yet, and why: `funnel bench` then reports
 #: no overhead_ratio for a config that uses them (it says which type stopped it).
 NOT_COVERED = {
     "recall.association": "session recommendation (history in, co-occurrence recall): not written yet",
     "recall.user_vector": "session recommendation (mean of history item vectors + FAISS): not written yet",
     "recall.popularity": "session recommendation (most popular items, history removed): not written yet",
-    "filter.history": "session recommendation (drops items already in the history): not written yet",
     "features.history": "session recommendation (association/content/popularity features): not written yet",
     "display.mmr": "maximal marginal relevance needs the item vectors; not written yet",
 }
@@ -424,6 +423,12 @@ class BarePipeline:
         elif kind == "filter.rules":
             if s["expr"] is not None:
                 df = df.filter(s["expr"])
+        elif kind == "filter.history":
+            hist = pl.col(p.get("history_column", "history"))
+            hist = hist.list.tail(p["last_n"]) if p.get("last_n") is not None else hist
+            if df.height:
+                inner = df.schema[p.get("history_column", "history")].inner
+                df = df.filter(~hist.list.contains(pl.col("item_id").cast(inner)).fill_null(False))
         elif kind == "features.text":
             df = self._text_features(s, df)
         elif kind == "features.item_stats":

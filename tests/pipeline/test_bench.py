@@ -282,3 +282,18 @@ def test_stored_vectors_are_the_indexed_vectors(factory):
     xb, _ = synthetic_vectors(300, 8, n_queries=1, seed=0)
     index = FaissIndex.build(xb, pa.array(np.arange(300)), factory=factory, normalize=False)
     np.testing.assert_allclose(stored_vectors(index._cpu_index), xb, atol=1e-6)
+
+
+@pytest.mark.parametrize("last_n", [None, 1])
+def test_bare_history_filter_keeps_the_rows_funnel_keeps(tmp_path, last_n):
+    import polars as pl
+
+    from stages.history import HistoryFilter
+
+    config = tmp_path / "history.toml"
+    config.write_text('[[stages]]\ntype = "filter.history"\n' + (f"params = {{ last_n = {last_n} }}\n" if last_n else ""))
+    table = pa.table({"query_id": ["u1", "u1", "u1", "u2", "u2", "u3"], "item_id": ["a", "b", "c", "a", "d", "e"],
+                      "history": [["b", "a"], ["b", "a"], ["b", "a"], None, None, []]})
+    want = HistoryFilter(last_n=last_n)(table)
+    got = BarePipeline(config).run(table)
+    assert got.select("query_id", "item_id").rows() == pl.from_arrow(want.select(["query_id", "item_id"])).rows()
