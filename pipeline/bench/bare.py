@@ -9,7 +9,7 @@ purpose (they mirror ``stages/features.py``); ``funnel bench`` checks that both 
 top-N lists, so a drift shows up as ``agreement < 1`` in its report.
 
 Supported stage types: :data:`SUPPORTED` -- encode.sentence_transformers, recall.faiss,
-recall.bm25 (bm25s' stored matrix scored with one SciPy sparse product per batch, the query
+recall.popularity, recall.bm25 (bm25s' stored matrix scored with one SciPy sparse product per batch, the query
 tokeniser written out again), recall.fused (its sources run as nested bare pipelines, fused with
 Polars), lookup.catalog, filter.rules (comparison, between, in/not_in with inline values,
 contains, is_null/not_null, any, negate), filter.history, features.text (every feature), features.item_stats,
@@ -50,14 +50,13 @@ import pyarrow.parquet as pq
 
 __all__ = ["BarePipeline", "Unsupported", "SUPPORTED", "NOT_COVERED"]
 
-SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "lookup.catalog",
-             "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn")
+SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "recall.popularity",
+             "lookup.catalog", "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn")
 #: Built-in stage types the baseline does not re-implement yet, and why: `funnel bench` then reports
 #: no overhead_ratio for a config that uses them (it says which type stopped it).
 NOT_COVERED = {
     "recall.association": "session recommendation (history in, co-occurrence recall): not written yet",
     "recall.user_vector": "session recommendation (mean of history item vectors + FAISS): not written yet",
-    "recall.popularity": "session recommendation (most popular items, history removed): not written yet",
     "features.history": "session recommendation (association/content/popularity features): not written yet",
     "display.mmr": "maximal marginal relevance needs the item vectors; not written yet",
 }
@@ -338,6 +337,12 @@ class BarePipeline:
         if kind == "recall.fused":
             sources = [(src["name"], float(src.get("weight", 1.0)), self._load(src["stages"])) for src in p["sources"]]
             return {"sources": sources}
+        if kind == "recall.popularity":
+            table = pl.read_parquet(self._path(p.get("index", "artifacts/popularity")) / "popularity.parquet")
+            by = p.get("by", "count")
+            ranked = (table.with_row_index("_pos").sort([by, "_pos"], descending=[True, False])
+                      .select("item_id", pl.col(by).cast(pl.Float32).alias("score")))
+            return {"ranked": ranked}
         if kind == "lookup.catalog":
             columns = list(p.get("columns", ("title", "brand")))
             items = pl.read_parquet(self._path(p.get("items", "artifacts/items")) / "items.parquet",
@@ -418,6 +423,20 @@ class BarePipeline:
             df = self._bm25(p, s, df)
         elif kind == "recall.fused":
             df = self._fused(p, s, df)
+        elif kind == "recall.popularity":
+            hist_col = p.get("history_column", "history")
+            exclude = p.get("exclude_history", True) and hist_col is not None
+            k, ranked = p.get("k", 100), s["ranked"]
+            longest = int(df[hist_col].list.len().max() or 0) if exclude and df.height else 0
+            head = ranked.head(k + longest).with_row_index("_pos")
+            df = (df.drop(["item_id", "score", "rank", "source"], strict=False).with_row_index("_row")
+                  .join(head, how="cross").sort(["_row", "_pos"]))
+            if exclude:
+                inner = df.schema[hist_col].inner
+                df = df.filter(~pl.col(hist_col).list.contains(pl.col("item_id").cast(inner)).fill_null(False))
+            df = (df.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("_row").alias("rank"))
+                  .filter(pl.col("rank") <= k).drop("_row", "_pos")
+                  .with_columns(pl.lit(p.get("source", "popular")).alias("source")))
         elif kind == "lookup.catalog":
             df = df.drop(s["columns"], strict=False).join(s["items"], on="item_id", how="left", maintain_order="left")
         elif kind == "filter.rules":

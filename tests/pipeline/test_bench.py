@@ -117,9 +117,9 @@ def test_sweeps_and_synthetic_ann_write_pareto_plots(demo_shop, tmp_path):
 
 
 def test_bare_baseline_refuses_a_stage_it_does_not_cover(tmp_path):
-    config = tmp_path / "popular.toml"
-    config.write_text('[[stages]]\ntype = "recall.popularity"\n')
-    with pytest.raises(Unsupported, match="recall.popularity"):
+    config = tmp_path / "assoc.toml"
+    config.write_text('[[stages]]\ntype = "recall.association"\n')
+    with pytest.raises(Unsupported, match="recall.association"):
         BarePipeline(config)
 
 
@@ -297,3 +297,24 @@ def test_bare_history_filter_keeps_the_rows_funnel_keeps(tmp_path, last_n):
     want = HistoryFilter(last_n=last_n)(table)
     got = BarePipeline(config).run(table)
     assert got.select("query_id", "item_id").rows() == pl.from_arrow(want.select(["query_id", "item_id"])).rows()
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_bare_popularity_recall_returns_funnel_s_lists(tmp_path, exclude):
+    import polars as pl
+
+    from pipeline.build import build_artifacts
+    from pipeline.config import PipelineConfig, load_config
+
+    logs = pa.table({"user_id": ["u1", "u2", "u3", "u4"], "items": [["a", "b", "c"], ["b", "c"], ["c", "d"], ["e", "c", "b"]]})
+    import pyarrow.parquet as pq
+
+    pq.write_table(logs, tmp_path / "logs.parquet")
+    PipelineConfig(stages=[{"type": "recall.popularity", "params": {"index": "artifacts/pop", "k": 3, "exclude_history": exclude}}],
+                   data={"logs": "logs.parquet"}, inputs={"query_id": "string", "history": "list<string>"}).save(tmp_path / "p.toml")
+    stage = build_artifacts(load_config(tmp_path / "p.toml"), progress=False, log=lambda m: None).stages[0]
+    stage.warm_up()
+    queries = pa.table({"query_id": ["q1", "q2", "q3"], "history": [["c", "b"], [], None]})
+    want = pl.from_arrow(stage(queries).select(["query_id", "item_id", "score", "rank", "source"]))
+    got = BarePipeline(tmp_path / "p.toml").run(queries).select(want.columns)
+    assert got.rows() == want.rows()
