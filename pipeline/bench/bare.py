@@ -9,8 +9,8 @@ purpose (they mirror ``stages/features.py``); ``funnel bench`` checks that both 
 top-N lists, so a drift shows up as ``agreement < 1`` in its report.
 
 Supported stage types: :data:`SUPPORTED` -- encode.sentence_transformers, recall.faiss,
-recall.popularity, recall.bm25 (bm25s' stored matrix scored with one SciPy sparse product per batch, the query
-tokeniser written out again), recall.fused (its sources run as nested bare pipelines, fused with
+recall.popularity, recall.bm25 (bm25s' scores query by query, the query tokeniser written
+out again), recall.fused (its sources run as nested bare pipelines, fused with
 Polars), lookup.catalog, filter.rules (comparison, between, in/not_in with inline values,
 contains, is_null/not_null, any, negate), filter.history, features.text (every feature), features.item_stats,
 rank.lightgbm, display.topn (cap and variant key). :data:`NOT_COVERED` lists the built-in stage
@@ -322,17 +322,12 @@ class BarePipeline:
                     "normalize": manifest.get("normalize", False), "metric": manifest["metric"]}
         if kind == "recall.bm25":
             import bm25s
-            import scipy.sparse as sp
 
             folder = self._path(p.get("index", "artifacts/bm25"))
-            if p.get("method", "lucene") == "robertson":
-                raise Unsupported("recall.bm25 with method 'robertson' (negative IDFs)")
             bm = bm25s.BM25.load(str(folder), load_corpus=False, mmap=False, allow_pickle=False)
-            sc = bm.scores
-            terms = sp.csr_matrix((sc["data"], sc["indices"], sc["indptr"]), shape=(len(sc["indptr"]) - 1, sc["num_docs"]))
             ids = pq.read_table(folder / "ids.parquet").column("item_id").combine_chunks()
             stemmer = p.get("stemmer", "english")
-            return {"terms": terms, "vocab": bm.vocab_dict, "extra": bm.nonoccurrence_array, "ids": pl.from_arrow(ids),
+            return {"bm25": bm, "vocab": bm.vocab_dict, "ids": pl.from_arrow(ids),
                     "tokenize": _bm25_tokenizer(stemmer or None, p.get("stopwords", "en"))}
         if kind == "recall.fused":
             sources = [(src["name"], float(src.get("weight", 1.0)), self._load(src["stages"])) for src in p["sources"]]
@@ -478,34 +473,27 @@ class BarePipeline:
         return df, emb
 
     def _bm25(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
-        """BM25 of a batch: one sparse product (queries x terms) @ (terms x items), top k per row."""
-        import scipy.sparse as sp
-
-        k, vocab, terms = p.get("k", 100), s["vocab"], s["terms"]
-        qptr, qterms = [0], []
-        for text in df[p.get("query_column", "query")].to_list():
-            qterms += sorted({vocab[t] for t in s["tokenize"](text) if t in vocab})
-            qptr.append(len(qterms))
-        query = sp.csr_matrix((np.ones(len(qterms), terms.dtype), qterms, qptr), shape=(df.height, terms.shape[0]))
-        prod = (query @ terms).tocsr()
-        prod.sort_indices()
-        vals = prod.data
-        if s["extra"] is not None:
-            extra = [s["extra"][qterms[a:b]].sum() for a, b in zip(qptr[:-1], qptr[1:])]
-            vals = vals + np.repeat(np.asarray(extra, vals.dtype), np.diff(prod.indptr))
+        """BM25 query by query: bm25s' scores of the query's known terms over every item, the items
+        sharing a term kept, the top k by score then catalog position. (One SciPy sparse product
+        for the whole batch gives the same lists but measured 0.6x as fast on 54,667 items.)"""
+        k, vocab, bm = p.get("k", 100), s["vocab"], s["bm25"]
+        indptr, indices = bm.scores["indptr"], bm.scores["indices"]
         rows, cols, scores = [], [], []
-        for i in range(df.height):
-            lo, hi = prod.indptr[i], prod.indptr[i + 1]
-            hits, sc = prod.indices[lo:hi], vals[lo:hi]
-            if hi - lo > k:
-                keep = np.flatnonzero(sc >= sc[np.argpartition(-sc, k - 1)[:k]].min())
+        for i, text in enumerate(df[p.get("query_column", "query")].to_list()):
+            ids = sorted({vocab[t] for t in s["tokenize"](text) if t in vocab})
+            if not ids:
+                continue
+            hits = np.unique(np.concatenate([indices[indptr[t]:indptr[t + 1]] for t in ids]))
+            sc = bm.get_scores_from_ids(ids)[hits]
+            if len(hits) > k:
+                keep = sc >= np.partition(sc, len(sc) - k)[len(sc) - k]
                 hits, sc = hits[keep], sc[keep]
             order = np.lexsort((hits, -sc))[:k]
             rows.append(np.full(len(order), i, np.int64))
-            cols.append(hits[order])
+            cols.append(hits[order].astype(np.int64))
             scores.append(sc[order])
         rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        cols = np.concatenate(cols).astype(np.int64) if cols else np.zeros(0, np.int64)
+        cols = np.concatenate(cols) if cols else np.zeros(0, np.int64)
         ranks = np.arange(len(rows)) - np.searchsorted(rows, rows) + 1
         return df.drop(["item_id", "score", "rank", "source"], strict=False)[rows].with_columns(
             s["ids"].gather(cols).alias("item_id"),
