@@ -9,7 +9,8 @@ purpose (they mirror ``stages/features.py``); ``funnel bench`` checks that both 
 top-N lists, so a drift shows up as ``agreement < 1`` in its report.
 
 Supported stage types: :data:`SUPPORTED` -- encode.sentence_transformers, recall.faiss,
-recall.popularity, recall.bm25 (bm25s' scores query by query, the query tokeniser written
+recall.popularity, recall.user_vector (recency-weighted sum of the history's stored vectors, one
+FAISS search), recall.bm25 (bm25s' scores query by query, the query tokeniser written
 out again), recall.fused (its sources run as nested bare pipelines, fused with
 Polars), lookup.catalog, filter.rules (comparison, between, in/not_in with inline values,
 contains, is_null/not_null, any, negate), filter.history, features.text (every feature), features.item_stats,
@@ -50,13 +51,12 @@ import pyarrow.parquet as pq
 
 __all__ = ["BarePipeline", "Unsupported", "SUPPORTED", "NOT_COVERED"]
 
-SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "recall.popularity",
+SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "recall.popularity", "recall.user_vector",
              "lookup.catalog", "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn")
 #: Built-in stage types the baseline does not re-implement yet, and why: `funnel bench` then reports
 #: no overhead_ratio for a config that uses them (it says which type stopped it).
 NOT_COVERED = {
     "recall.association": "session recommendation (history in, co-occurrence recall): not written yet",
-    "recall.user_vector": "session recommendation (mean of history item vectors + FAISS): not written yet",
     "features.history": "session recommendation (association/content/popularity features): not written yet",
     "display.mmr": "maximal marginal relevance needs the item vectors; not written yet",
 }
@@ -320,6 +320,16 @@ class BarePipeline:
             ids = pq.read_table(folder / "ids.parquet").column("item_id").combine_chunks()
             return {"index": index, "ids": pl.from_arrow(ids), "params": params,
                     "normalize": manifest.get("normalize", False), "metric": manifest["metric"]}
+        if kind == "recall.user_vector":
+            folder = self._path(p.get("index", "artifacts/content"))
+            manifest = json.loads((folder / "manifest.json").read_text())
+            index = faiss.read_index(str(folder / "index.faiss"))
+            faiss.cvar.distance_compute_blas_threshold = min(faiss.cvar.distance_compute_blas_threshold, 20)
+            vectors = np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), np.float32)
+            faiss.normalize_L2(vectors)
+            ids = pl.from_arrow(pq.read_table(folder / "ids.parquet").column("item_id").combine_chunks())
+            return {"index": index, "ids": ids, "vectors": vectors, "normalize": manifest.get("normalize", False),
+                    "positions": ids.to_frame("_item").with_row_index("_p")}
         if kind == "recall.bm25":
             import bm25s
 
@@ -416,6 +426,8 @@ class BarePipeline:
             )
         elif kind == "recall.bm25":
             df = self._bm25(p, s, df)
+        elif kind == "recall.user_vector":
+            df = self._user_vector(p, s, df)
         elif kind == "recall.fused":
             df = self._fused(p, s, df)
         elif kind == "recall.popularity":
@@ -499,6 +511,44 @@ class BarePipeline:
             s["ids"].gather(cols).alias("item_id"),
             pl.Series("score", np.concatenate(scores) if scores else np.zeros(0), dtype=pl.Float32),
             pl.Series("rank", ranks, dtype=pl.Int32), pl.lit(p.get("source", "bm25")).alias("source"))
+
+    def _user_vector(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """Each user's history (oldest first) weighted ``recency**(steps before the last)``, the stored
+        item vectors summed with those weights (NumPy), one FAISS search for the batch, the user's own
+        items skipped, the first ``k`` kept."""
+        import faiss
+
+        hist_col, k, recency = p.get("history_column", "history"), p.get("k", 100), p.get("recency", 0.7)
+        exclude = p.get("exclude_history", True)
+        positions = s["positions"].with_columns(pl.col("_item").cast(df.schema[hist_col].inner, strict=False))
+        flat = (df.select(pl.col(hist_col)).with_row_index("_row")
+                .with_columns(pl.col(hist_col).list.len().fill_null(0).alias("_n"))
+                .explode(hist_col).with_columns(pl.int_range(pl.len()).over("_row").alias("_j"))
+                .join(positions, left_on=hist_col, right_on="_item", how="inner"))
+        rows, pos = flat["_row"].to_numpy().astype(np.int64), flat["_p"].to_numpy().astype(np.int64)
+        weight = recency ** (flat["_n"] - 1 - flat["_j"]).to_numpy().astype(np.float64)
+        users = np.unique(rows)
+        queries = np.zeros((len(users), s["vectors"].shape[1]), np.float64)
+        np.add.at(queries, np.searchsorted(users, rows), weight[:, None] * s["vectors"][pos])
+        queries = np.ascontiguousarray(queries, np.float32)
+        out_rows, out_pos, out_scores = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if len(users):
+            lengths = df[hist_col].list.len().fill_null(0).to_numpy()
+            extra = int(lengths[users].max()) if exclude else 0
+            if s["normalize"]:
+                faiss.normalize_L2(queries)
+            scores, found_pos = s["index"].search(queries, min(k + extra, s["index"].ntotal))
+            found = found_pos >= 0
+            if exclude:
+                for i, u in enumerate(users):
+                    found[i] &= ~np.isin(found_pos[i], pos[rows == u])
+            found &= np.cumsum(found, axis=1) <= k
+            qi, _ = np.nonzero(found)
+            out_rows, out_pos, out_scores = users[qi], found_pos[found].astype(np.int64), scores[found]
+        ranks = np.arange(len(out_rows)) - np.searchsorted(out_rows, out_rows) + 1
+        return df.drop(["item_id", "score", "rank", "source"], strict=False)[out_rows].with_columns(
+            s["ids"].gather(out_pos).alias("item_id"), pl.Series("score", out_scores, dtype=pl.Float32),
+            pl.Series("rank", ranks, dtype=pl.Int32), pl.lit(p.get("source", "content")).alias("source"))
 
     def _fused(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
         """Every source on the same queries; reciprocal-rank (or min-max weighted) fusion with Polars."""

@@ -318,3 +318,28 @@ def test_bare_popularity_recall_returns_funnel_s_lists(tmp_path, exclude):
     want = pl.from_arrow(stage(queries).select(["query_id", "item_id", "score", "rank", "source"]))
     got = BarePipeline(tmp_path / "p.toml").run(queries).select(want.columns)
     assert got.rows() == want.rows()
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_bare_user_vector_recall_returns_funnel_s_lists(tmp_path, exclude):
+    import polars as pl
+
+    from indexes.faiss_index import FaissIndex
+    from stages.user_vector import UserVectorRecall
+
+    xb, _ = synthetic_vectors(200, 16, n_queries=1, seed=1)
+    ids = [f"i{n}" for n in range(200)]
+    FaissIndex.build(xb, pa.array(ids), factory="Flat", metric="ip", normalize=True).save(tmp_path / "content")
+    config = tmp_path / "uv.toml"
+    config.write_text('[[stages]]\ntype = "recall.user_vector"\n'
+                      f'params = {{ index = "content", k = 7, recency = 0.6, exclude_history = {str(exclude).lower()} }}\n')
+    rng = np.random.default_rng(0)
+    histories = [[ids[j] for j in rng.integers(0, 200, size=rng.integers(1, 6))] for _ in range(20)]
+    histories += [["i3", "unknown", "i3"], ["unknown"], [], None]
+    queries = pa.table({"query_id": [f"u{n}" for n in range(len(histories))], "history": histories})
+    stage = UserVectorRecall(index=str(tmp_path / "content"), k=7, recency=0.6, exclude_history=exclude)
+    stage.warm_up()
+    want = pl.from_arrow(stage(queries).select(["query_id", "item_id", "score", "rank", "source"]))
+    got = BarePipeline(config).run(queries).select(want.columns)
+    assert got.drop("score").rows() == want.drop("score").rows()
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5, atol=1e-6)
