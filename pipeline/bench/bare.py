@@ -14,7 +14,8 @@ FAISS search), recall.bm25 (bm25s' scores query by query, the query tokeniser wr
 out again), recall.fused (its sources run as nested bare pipelines, fused with
 Polars), lookup.catalog, filter.rules (comparison, between, in/not_in with inline values,
 contains, is_null/not_null, any, negate), filter.history, features.text (every feature), features.item_stats,
-rank.lightgbm, display.topn (cap and variant key). :data:`NOT_COVERED` lists the built-in stage
+rank.lightgbm, display.topn (cap and variant key), display.mmr (greedy MMR in NumPy, query by
+query, vectors from the FAISS index file or the embedding column). :data:`NOT_COVERED` lists the built-in stage
 types it does not cover yet, with the reason; a test checks that every registered built-in type
 is in one of the two. Anything else raises :class:`Unsupported`.
 
@@ -52,13 +53,13 @@ import pyarrow.parquet as pq
 __all__ = ["BarePipeline", "Unsupported", "SUPPORTED", "NOT_COVERED"]
 
 SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "recall.popularity", "recall.user_vector",
-             "lookup.catalog", "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn")
+             "lookup.catalog", "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn",
+             "display.mmr")
 #: Built-in stage types the baseline does not re-implement yet, and why: `funnel bench` then reports
 #: no overhead_ratio for a config that uses them (it says which type stopped it).
 NOT_COVERED = {
     "recall.association": "session recommendation (history in, co-occurrence recall): not written yet",
     "features.history": "session recommendation (association/content/popularity features): not written yet",
-    "display.mmr": "maximal marginal relevance needs the item vectors; not written yet",
 }
 
 _TOKEN = r"[a-z0-9]+(?:[./][0-9]+)*"
@@ -330,6 +331,14 @@ class BarePipeline:
             ids = pl.from_arrow(pq.read_table(folder / "ids.parquet").column("item_id").combine_chunks())
             return {"index": index, "ids": ids, "vectors": vectors, "normalize": manifest.get("normalize", False),
                     "positions": ids.to_frame("_item").with_row_index("_p")}
+        if kind == "display.mmr":
+            if not p.get("index"):
+                return {}
+            folder = self._path(p["index"])
+            index = faiss.read_index(str(folder / "index.faiss"))
+            ids = pl.from_arrow(pq.read_table(folder / "ids.parquet").column("item_id").combine_chunks())
+            return {"vectors": np.ascontiguousarray(index.reconstruct_n(0, index.ntotal), np.float32),
+                    "positions": ids.to_frame("item_id").with_row_index("_p")}
         if kind == "recall.bm25":
             import bm25s
 
@@ -428,6 +437,8 @@ class BarePipeline:
             df = self._bm25(p, s, df)
         elif kind == "recall.user_vector":
             df = self._user_vector(p, s, df)
+        elif kind == "display.mmr":
+            df = self._mmr(p, s, df)
         elif kind == "recall.fused":
             df = self._fused(p, s, df)
         elif kind == "recall.popularity":
@@ -549,6 +560,54 @@ class BarePipeline:
         return df.drop(["item_id", "score", "rank", "source"], strict=False)[out_rows].with_columns(
             s["ids"].gather(out_pos).alias("item_id"), pl.Series("score", out_scores, dtype=pl.Float32),
             pl.Series("rank", ranks, dtype=pl.Int32), pl.lit(p.get("source", "content")).alias("source"))
+
+    def _mmr(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """The ``candidates`` best-ranked rows of each query; per query, greedy maximal marginal
+        relevance in NumPy: score min-max scaled, cosine similarities of the item vectors (zero for
+        an item without one), each step the first candidate of largest gain."""
+        n, lam, width = p.get("n", 10), float(p.get("mmr_lambda", 0.7)), p.get("candidates", 100)
+        df = (df.with_row_index("_qpos").with_columns(pl.col("_qpos").min().over("query_id"))
+              .sort(["_qpos", "rank", "score"], descending=[False, False, True], maintain_order=True)
+              .filter(pl.int_range(pl.len()).over("query_id") < width).drop("_qpos"))
+        if s.get("vectors") is not None:
+            pos = (df.select(pl.col("item_id").cast(s["positions"].schema["item_id"], strict=False))
+                   .join(s["positions"], on="item_id", how="left", maintain_order="left")["_p"])
+            vectors = np.zeros((df.height, s["vectors"].shape[1]), np.float32)
+            known = pos.is_not_null().to_numpy()
+            vectors[known] = s["vectors"][pos.drop_nulls().to_numpy()]
+        else:
+            col = df[p["embedding_column"]]
+            lengths = col.list.len().fill_null(0).to_numpy()
+            dim = int(lengths.max()) if len(lengths) and lengths.max() > 0 else 1
+            vectors = np.zeros((df.height, dim), np.float32)
+            full = lengths == dim
+            if full.any():
+                vectors[full] = np.asarray(col.filter(pl.Series(full)).list.eval(pl.element().fill_null(0.0))
+                                           .explode().to_numpy(), np.float32).reshape(-1, dim)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+        score = df["score"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        keep, ranks = [], []
+        starts = np.r_[0, np.flatnonzero(df["query_id"].to_numpy()[1:] != df["query_id"].to_numpy()[:-1]) + 1]
+        for start, end in zip(starts, np.r_[starts[1:], df.height]):
+            sc = score[start:end]
+            finite = np.isfinite(sc)
+            lo, hi = (sc[finite].min(), sc[finite].max()) if finite.any() else (np.inf, -np.inf)
+            with np.errstate(invalid="ignore"):
+                rel = np.where(finite, np.where(hi > lo, (sc - lo) / (hi - lo if hi > lo else 1.0), 1.0), 0.0)
+            rel = rel.astype(np.float32)
+            emb = vectors[start:end]
+            sims = emb @ emb.T
+            available = np.ones(end - start, bool)
+            penalty = np.zeros(end - start, np.float32)
+            for t in range(min(n, end - start)):
+                gain = np.where(available, lam * rel - (1.0 - lam) * penalty, -np.inf)
+                best = int(np.argmax(gain))
+                keep.append(start + best)
+                ranks.append(t + 1)
+                available[best] = False
+                penalty = sims[best] if t == 0 else np.maximum(penalty, sims[best])  # may go below 0
+        return df[np.asarray(keep, np.int64)].with_columns(pl.Series("rank", ranks, dtype=pl.Int32))
 
     def _fused(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
         """Every source on the same queries; reciprocal-rank (or min-max weighted) fusion with Polars."""

@@ -343,3 +343,39 @@ def test_bare_user_vector_recall_returns_funnel_s_lists(tmp_path, exclude):
     got = BarePipeline(config).run(queries).select(want.columns)
     assert got.drop("score").rows() == want.drop("score").rows()
     np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["index", "embedding_column"])
+def test_bare_mmr_display_shows_funnel_s_lists(tmp_path, source):
+    import polars as pl
+
+    from indexes.faiss_index import FaissIndex
+    from stages.mmr import MMRDisplay
+
+    xb, _ = synthetic_vectors(120, 8, n_queries=1, seed=2)
+    FaissIndex.build(xb, pa.array(np.arange(100, 220)), factory="Flat", metric="ip", normalize=True).save(tmp_path / "vec")
+    rng = np.random.default_rng(3)
+    rows = []
+    for q in (5, 3, 9):  # queries not in id order, one with fewer candidates than shown
+        m = 4 if q == 3 else 30
+        items = rng.choice(np.arange(100, 230), size=m, replace=False)  # ids >= 220 have no vector
+        for r, item in enumerate(items):
+            rows.append({"query_id": q, "item_id": int(item), "score": float(rng.normal()), "rank": r + 1})
+    table = pa.Table.from_pylist(rows).cast(pa.schema([("query_id", pa.int64()), ("item_id", pa.int64()),
+                                                       ("score", pa.float32()), ("rank", pa.int32())]))
+    params = {"n": 6, "mmr_lambda": 0.5, "candidates": 20}
+    if source == "index":
+        params["index"] = str(tmp_path / "vec")
+    else:
+        vec = np.vstack([xb, np.zeros((10, 8), np.float32)])[table.column("item_id").to_numpy() - 100]
+        table = table.append_column("emb", pa.array([list(v) if v.any() else None for v in vec], pa.list_(pa.float32())))
+        params["embedding_column"] = "emb"
+    config = tmp_path / "mmr.toml"
+    config.write_text('[[stages]]\ntype = "display.mmr"\n[stages.params]\n'
+                      + "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in params.items()))
+    stage = MMRDisplay(**params, device="cpu")
+    stage.warm_up()
+    want = pl.from_arrow(stage(table).select(["query_id", "item_id", "rank"]))
+    got = BarePipeline(config).run(table).select(want.columns)
+    assert want.height == 16  # 6 + 4 + 6
+    assert got.rows() == want.rows()
