@@ -10,7 +10,8 @@ top-N lists, so a drift shows up as ``agreement < 1`` in its report.
 
 Supported stage types: :data:`SUPPORTED` -- encode.sentence_transformers, recall.faiss,
 recall.popularity, recall.user_vector (recency-weighted sum of the history's stored vectors, one
-FAISS search), recall.bm25 (bm25s' scores query by query, the query tokeniser written
+FAISS search), recall.association (the history's neighbour rows summed with recency weights in
+Polars), recall.bm25 (bm25s' scores query by query, the query tokeniser written
 out again), recall.fused (its sources run as nested bare pipelines, fused with
 Polars), lookup.catalog, filter.rules (comparison, between, in/not_in with inline values,
 contains, is_null/not_null, any, negate), filter.history, features.text (every feature), features.item_stats,
@@ -53,12 +54,12 @@ import pyarrow.parquet as pq
 __all__ = ["BarePipeline", "Unsupported", "SUPPORTED", "NOT_COVERED"]
 
 SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "recall.popularity", "recall.user_vector",
+             "recall.association",
              "lookup.catalog", "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn",
              "display.mmr")
 #: Built-in stage types the baseline does not re-implement yet, and why: `funnel bench` then reports
 #: no overhead_ratio for a config that uses them (it says which type stopped it).
 NOT_COVERED = {
-    "recall.association": "session recommendation (history in, co-occurrence recall): not written yet",
     "features.history": "session recommendation (association/content/popularity features): not written yet",
 }
 
@@ -331,6 +332,11 @@ class BarePipeline:
             ids = pl.from_arrow(pq.read_table(folder / "ids.parquet").column("item_id").combine_chunks())
             return {"index": index, "ids": ids, "vectors": vectors, "normalize": manifest.get("normalize", False),
                     "positions": ids.to_frame("_item").with_row_index("_p")}
+        if kind == "recall.association":
+            folder = self._path(p.get("index", "artifacts/association"))
+            ids = pl.from_arrow(pq.read_table(folder / "items.parquet").column("item_id").combine_chunks())
+            pairs = pl.read_parquet(folder / "neighbours.parquet").with_columns(pl.col("score").cast(pl.Float64))
+            return {"ids": ids, "pairs": pairs, "positions": ids.to_frame("_item").with_row_index("_p")}
         if kind == "display.mmr":
             if not p.get("index"):
                 return {}
@@ -439,6 +445,8 @@ class BarePipeline:
             df = self._user_vector(p, s, df)
         elif kind == "display.mmr":
             df = self._mmr(p, s, df)
+        elif kind == "recall.association":
+            df = self._association(p, s, df)
         elif kind == "recall.fused":
             df = self._fused(p, s, df)
         elif kind == "recall.popularity":
@@ -522,6 +530,37 @@ class BarePipeline:
             s["ids"].gather(cols).alias("item_id"),
             pl.Series("score", np.concatenate(scores) if scores else np.zeros(0), dtype=pl.Float32),
             pl.Series("rank", ranks, dtype=pl.Int32), pl.lit(p.get("source", "bm25")).alias("source"))
+
+    def _history_positions(self, s: dict, df: pl.DataFrame, hist_col: str, recency: float) -> pl.DataFrame:
+        """One row per known history item: ``_row`` (the query row), ``_p`` (its position in the
+        artifact) and ``_w``, ``recency**(steps before the last item)``."""
+        positions = s["positions"].with_columns(pl.col("_item").cast(df.schema[hist_col].inner, strict=False))
+        return (df.select(pl.col(hist_col)).with_row_index("_row")
+                .with_columns(pl.col(hist_col).list.len().fill_null(0).alias("_n"))
+                .explode(hist_col).with_columns(pl.int_range(pl.len()).over("_row").alias("_j"))
+                .join(positions, left_on=hist_col, right_on="_item", how="inner")
+                .with_columns((pl.lit(recency, pl.Float64) ** (pl.col("_n") - 1 - pl.col("_j"))).alias("_w")))
+
+    def _association(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """Each known history item's neighbour list (the index's Parquet) scaled by its recency
+        weight, summed per (user, neighbour) with Polars, the user's own items dropped, the ``k``
+        best by score then item position."""
+        k, hist_col = p.get("k", 100), p.get("history_column", "history")
+        hist = self._history_positions(s, df, hist_col, p.get("recency", 0.6))
+        scored = (hist.join(s["pairs"], left_on="_p", right_on="item", how="inner")
+                  .group_by(["_row", "neighbour"]).agg((pl.col("_w") * pl.col("score")).sum().alias("_s"))
+                  .filter(pl.col("_s") > 0))
+        if p.get("exclude_history", True):
+            scored = scored.join(hist.select("_row", pl.col("_p").cast(scored.schema["neighbour"])),
+                                 left_on=["_row", "neighbour"], right_on=["_row", "_p"], how="anti")
+        top = (scored.sort(["_row", "_s", "neighbour"], descending=[False, True, False])
+               .filter(pl.int_range(pl.len()).over("_row") < k))
+        rows = top["_row"].to_numpy().astype(np.int64)
+        ranks = np.arange(len(rows)) - np.searchsorted(rows, rows) + 1
+        return df.drop(["item_id", "score", "rank", "source"], strict=False)[rows].with_columns(
+            s["ids"].gather(top["neighbour"].to_numpy().astype(np.int64)).alias("item_id"),
+            pl.Series("score", top["_s"].to_numpy(), dtype=pl.Float32),
+            pl.Series("rank", ranks, dtype=pl.Int32), pl.lit(p.get("source", "assoc")).alias("source"))
 
     def _user_vector(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
         """Each user's history (oldest first) weighted ``recency**(steps before the last)``, the stored

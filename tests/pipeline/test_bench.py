@@ -117,9 +117,9 @@ def test_sweeps_and_synthetic_ann_write_pareto_plots(demo_shop, tmp_path):
 
 
 def test_bare_baseline_refuses_a_stage_it_does_not_cover(tmp_path):
-    config = tmp_path / "assoc.toml"
-    config.write_text('[[stages]]\ntype = "recall.association"\n')
-    with pytest.raises(Unsupported, match="recall.association"):
+    config = tmp_path / "history.toml"
+    config.write_text('[[stages]]\ntype = "features.history"\n')
+    with pytest.raises(Unsupported, match="features.history"):
         BarePipeline(config)
 
 
@@ -379,3 +379,31 @@ def test_bare_mmr_display_shows_funnel_s_lists(tmp_path, source):
     got = BarePipeline(config).run(table).select(want.columns)
     assert want.height == 16  # 6 + 4 + 6
     assert got.rows() == want.rows()
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_bare_association_recall_returns_funnel_s_lists(tmp_path, exclude):
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from pipeline.build import build_artifacts
+    from pipeline.config import PipelineConfig, load_config
+
+    rng = np.random.default_rng(4)
+    items = [f"i{n}" for n in range(40)]
+    logs = pa.table({"user_id": [f"u{n}" for n in range(120)],
+                     "items": [[items[j] for j in rng.integers(0, 40, size=rng.integers(2, 9))] for _ in range(120)]})
+    pq.write_table(logs, tmp_path / "logs.parquet")
+    params = {"index": "artifacts/assoc", "k": 8, "recency": 0.6, "exclude_history": exclude, "beta": 0.4}
+    PipelineConfig(stages=[{"type": "recall.association", "params": params}], data={"logs": "logs.parquet"},
+                   inputs={"query_id": "string", "history": "list<string>"}).save(tmp_path / "p.toml")
+    stage = build_artifacts(load_config(tmp_path / "p.toml"), progress=False, log=lambda m: None).stages[0]
+    stage.warm_up()
+    histories = [[items[j] for j in rng.integers(0, 40, size=rng.integers(1, 5))] for _ in range(15)]
+    histories += [["i1", "unknown", "i1"], ["unknown"], [], None]
+    queries = pa.table({"query_id": [f"q{n}" for n in range(len(histories))], "history": histories})
+    want = pl.from_arrow(stage(queries).select(["query_id", "item_id", "score", "rank", "source"]))
+    got = BarePipeline(tmp_path / "p.toml").run(queries).select(want.columns)
+    assert want.height > 100
+    assert got.drop("score").rows() == want.drop("score").rows()
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-6)
