@@ -11,7 +11,8 @@ top-N lists, so a drift shows up as ``agreement < 1`` in its report.
 Supported stage types: :data:`SUPPORTED` -- encode.sentence_transformers, recall.faiss,
 recall.popularity, recall.user_vector (recency-weighted sum of the history's stored vectors, one
 FAISS search), recall.association (the history's neighbour rows summed with recency weights in
-Polars), recall.bm25 (bm25s' scores query by query, the query tokeniser written
+Polars), features.history (every feature, per (candidate, history item) pair in Polars and
+NumPy), recall.bm25 (bm25s' scores query by query, the query tokeniser written
 out again), recall.fused (its sources run as nested bare pipelines, fused with
 Polars), lookup.catalog, filter.rules (comparison, between, in/not_in with inline values,
 contains, is_null/not_null, any, negate), filter.history, features.text (every feature), features.item_stats,
@@ -54,17 +55,17 @@ import pyarrow.parquet as pq
 __all__ = ["BarePipeline", "Unsupported", "SUPPORTED", "NOT_COVERED"]
 
 SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "recall.popularity", "recall.user_vector",
-             "recall.association",
+             "recall.association", "features.history",
              "lookup.catalog", "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn",
              "display.mmr")
 #: Built-in stage types the baseline does not re-implement yet, and why: `funnel bench` then reports
 #: no overhead_ratio for a config that uses them (it says which type stopped it).
-NOT_COVERED = {
-    "features.history": "session recommendation (association/content/popularity features): not written yet",
-}
+NOT_COVERED: dict[str, str] = {}
 
 _TOKEN = r"[a-z0-9]+(?:[./][0-9]+)*"
 _NUMBER = r"[0-9]+(?:[./][0-9]+)*"
+_HISTORY_FEATURES = ("assoc_last", "assoc_prev", "assoc_sum", "assoc_max", "assoc_hits", "assoc_match_pos",
+                     "assoc_reverse_last", "sim_last", "sim_max", "sim_mean", "pop_count", "pop_recent", "history_len")
 _DEFAULT_FEATURES = ("recall_score", "recall_rank", "overlap", "coverage", "jaccard", "title_len", "query_len",
                      "number_match", "query_has_number", "brand_match")
 
@@ -332,6 +333,18 @@ class BarePipeline:
             ids = pl.from_arrow(pq.read_table(folder / "ids.parquet").column("item_id").combine_chunks())
             return {"index": index, "ids": ids, "vectors": vectors, "normalize": manifest.get("normalize", False),
                     "positions": ids.to_frame("_item").with_row_index("_p")}
+        if kind == "features.history":
+            names = list(p.get("features", _HISTORY_FEATURES))
+            out: dict = {"names": names}
+            if any(n.startswith("assoc_") for n in names):
+                out["assoc"] = self._load_step("recall.association", {"index": p.get("association", "artifacts/association")})
+            if any(n.startswith("sim_") for n in names):
+                out["content"] = self._load_step("recall.user_vector", {"index": p.get("content", "artifacts/content")})
+            if any(n.startswith("pop_") for n in names):
+                pop = pl.read_parquet(self._path(p.get("popularity", "artifacts/popularity")) / "popularity.parquet")
+                out["pop"] = pop.select("item_id", pl.col("count").cast(pl.Float32).log1p().alias("pop_count"),
+                                        pl.col("recent").cast(pl.Float32).alias("pop_recent"))
+            return out
         if kind == "recall.association":
             folder = self._path(p.get("index", "artifacts/association"))
             ids = pl.from_arrow(pq.read_table(folder / "items.parquet").column("item_id").combine_chunks())
@@ -447,6 +460,8 @@ class BarePipeline:
             df = self._mmr(p, s, df)
         elif kind == "recall.association":
             df = self._association(p, s, df)
+        elif kind == "features.history":
+            df = self._history_features(p, s, df)
         elif kind == "recall.fused":
             df = self._fused(p, s, df)
         elif kind == "recall.popularity":
@@ -540,6 +555,69 @@ class BarePipeline:
                 .explode(hist_col).with_columns(pl.int_range(pl.len()).over("_row").alias("_j"))
                 .join(positions, left_on=hist_col, right_on="_item", how="inner")
                 .with_columns((pl.lit(recency, pl.Float64) ** (pl.col("_n") - 1 - pl.col("_j"))).alias("_w")))
+
+    def _history_features(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """One row per (candidate, item of its query's history), then per candidate: association
+        scores looked up in the index's neighbour table (joins), cosine similarities of the stored
+        vectors (a row-wise dot product), popularity (a join), the history length."""
+        hist_col, recency, names = p.get("history_column", "history"), p.get("recency", 0.6), s["names"]
+        copies = list(p.get("copy_columns", ("score", "rank")))
+        rows = pl.DataFrame({"_row": np.arange(df.height, dtype=np.int64)})
+        base = (df.select("query_id", "item_id", pl.col(hist_col).first().over("query_id").alias("_h"))
+                .with_row_index("_row").with_columns(pl.col("_row").cast(pl.Int64),
+                                                     pl.col("_h").list.len().fill_null(0).alias("_n")))
+        pairs = (base.filter(pl.col("_n") > 0).explode("_h")
+                 .with_columns(pl.int_range(pl.len()).over("_row").alias("_j"))
+                 .with_columns((pl.col("_n") - 1 - pl.col("_j")).alias("_back")))
+        feats = {"history_len": base["_n"].cast(pl.Float32)}
+
+        def position(frame, col, state, alias):
+            ids = state["positions"].with_columns(pl.col("_item").cast(frame.schema[col], strict=False))
+            return frame.join(ids.rename({"_p": alias}), left_on=col, right_on="_item", how="left",
+                              maintain_order="left").with_columns(pl.col(alias).cast(pl.Int64))
+
+        if "assoc" in s:
+            a = s["assoc"]
+            nb = a["pairs"].with_columns(pl.col("item").cast(pl.Int64), pl.col("neighbour").cast(pl.Int64))
+            pr = position(position(pairs, "_h", a, "_hp"), "item_id", a, "_ip")
+            pr = (pr.join(nb, left_on=["_hp", "_ip"], right_on=["item", "neighbour"], how="left", maintain_order="left")
+                  .with_columns(pl.col("score").fill_null(0.0)))
+            best = pl.col("score").max()
+            agg = pr.group_by("_row").agg(
+                pl.col("score").filter(pl.col("_back") == 0).sum().alias("assoc_last"),
+                pl.col("score").filter(pl.col("_back") == 1).sum().alias("assoc_prev"),
+                (pl.col("score") * pl.lit(recency, pl.Float64) ** pl.col("_back")).sum().alias("assoc_sum"),
+                pl.max_horizontal(best, 0.0).alias("assoc_max"),
+                (pl.col("score") > 0).sum().cast(pl.Float64).alias("assoc_hits"),
+                pl.col("_back").filter((pl.col("score") > 0) & (pl.col("score") == best)).min().cast(pl.Float64)
+                .alias("assoc_match_pos"))
+            last = position(position(pairs.filter(pl.col("_back") == 0), "_h", a, "_lp"), "item_id", a, "_ip")
+            last = (last.join(nb, left_on=["_ip", "_lp"], right_on=["item", "neighbour"], how="left")
+                    .select("_row", pl.col("score").fill_null(0.0).alias("assoc_reverse_last")))
+            got = rows.join(agg, on="_row", how="left").join(last, on="_row", how="left").sort("_row")
+            for n in ("assoc_last", "assoc_prev", "assoc_sum", "assoc_max", "assoc_hits", "assoc_reverse_last"):
+                feats[n] = got[n].fill_null(0.0)
+            feats["assoc_match_pos"] = got["assoc_match_pos"].fill_null(float("nan"))
+        if "content" in s:
+            c = s["content"]
+            pr = position(position(pairs, "_h", c, "_hp"), "item_id", c, "_ip").drop_nulls(["_hp", "_ip"])
+            sims = np.einsum("ij,ij->i", c["vectors"][pr["_ip"].to_numpy()], c["vectors"][pr["_hp"].to_numpy()])
+            pr = pr.with_columns(pl.Series("_sim", sims, dtype=pl.Float32).cast(pl.Float64),
+                                 (pl.lit(recency, pl.Float64) ** pl.col("_back")).alias("_w"))
+            agg = pr.group_by("_row").agg(
+                pl.col("_sim").filter(pl.col("_back") == 0).first().alias("sim_last"),
+                pl.col("_sim").max().alias("sim_max"),
+                ((pl.col("_sim") * pl.col("_w")).sum() / pl.col("_w").sum()).alias("sim_mean"))
+            got = rows.join(agg, on="_row", how="left").sort("_row")
+            for n in ("sim_last", "sim_max", "sim_mean"):
+                feats[n] = got[n].fill_null(float("nan"))
+        if "pop" in s:
+            pop = s["pop"].with_columns(pl.col("item_id").cast(df.schema["item_id"], strict=False))
+            got = df.select("item_id").join(pop, on="item_id", how="left", maintain_order="left")
+            feats.update({n: got[n].fill_null(0.0) for n in ("pop_count", "pop_recent")})
+        out = [feats[n].cast(pl.Float32).alias("f_" + n) for n in names]
+        out += [df[c].cast(pl.Float32).alias("f_" + c) for c in copies]
+        return df.drop([x.name for x in out], strict=False).with_columns(out)
 
     def _association(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
         """Each known history item's neighbour list (the index's Parquet) scaled by its recency

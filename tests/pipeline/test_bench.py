@@ -117,9 +117,9 @@ def test_sweeps_and_synthetic_ann_write_pareto_plots(demo_shop, tmp_path):
 
 
 def test_bare_baseline_refuses_a_stage_it_does_not_cover(tmp_path):
-    config = tmp_path / "history.toml"
-    config.write_text('[[stages]]\ntype = "features.history"\n')
-    with pytest.raises(Unsupported, match="features.history"):
+    config = tmp_path / "plugin.toml"
+    config.write_text('[[stages]]\ntype = "plugin.custom_rerank"\n')  # a third-party stage type
+    with pytest.raises(Unsupported, match="plugin.custom_rerank"):
         BarePipeline(config)
 
 
@@ -407,3 +407,45 @@ def test_bare_association_recall_returns_funnel_s_lists(tmp_path, exclude):
     assert want.height > 100
     assert got.drop("score").rows() == want.drop("score").rows()
     np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-6)
+
+
+def test_bare_history_features_equal_funnel_s(tmp_path):
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from indexes.faiss_index import FaissIndex
+    from pipeline.build import build_artifacts
+    from pipeline.config import PipelineConfig, load_config
+    from stages.history import HistoryFeatures
+
+    rng = np.random.default_rng(5)
+    items = [f"i{n}" for n in range(40)]
+    logs = pa.table({"user_id": [f"u{n}" for n in range(120)],
+                     "items": [[items[j] for j in rng.integers(0, 40, size=rng.integers(2, 9))] for _ in range(120)]})
+    pq.write_table(logs, tmp_path / "logs.parquet")
+    for kind, folder in (("recall.association", "artifacts/association"), ("recall.popularity", "artifacts/popularity")):
+        PipelineConfig(stages=[{"type": kind, "params": {"index": folder}}], data={"logs": "logs.parquet"},
+                       inputs={"query_id": "string", "history": "list<string>"}).save(tmp_path / "p.toml")
+        build_artifacts(load_config(tmp_path / "p.toml"), progress=False, log=lambda m: None)
+    xb, _ = synthetic_vectors(35, 8, n_queries=1, seed=6)  # i35..i39 have no vector
+    FaissIndex.build(xb, pa.array(items[:35]), factory="Flat", metric="ip", normalize=True).save(tmp_path / "artifacts/content")
+    histories = [[items[j] for j in rng.integers(0, 40, size=rng.integers(1, 6))] for _ in range(12)]
+    histories += [["i1", "unknown", "i2"], ["i3", "unknown"], ["unknown"], [], None]
+    rows = [{"query_id": f"q{q}", "item_id": items[j] if j < 40 else "new", "history": h,
+             "score": float(rng.normal()), "rank": r + 1}
+            for q, h in enumerate(histories) for r, j in enumerate(rng.integers(0, 41, size=6))]
+    table = pa.Table.from_pylist(rows)
+    paths = {name: str(tmp_path / "artifacts" / name) for name in ("association", "content", "popularity")}
+    config = tmp_path / "hf.toml"
+    config.write_text('[[stages]]\ntype = "features.history"\n[stages.params]\nrecency = 0.5\n'
+                      + "".join(f'{k} = "{v}"\n' for k, v in paths.items()))
+    stage = HistoryFeatures(**paths, recency=0.5)
+    stage.warm_up()
+    want = pl.from_arrow(stage(table))
+    got = BarePipeline(config).run(table).select(want.columns)
+    feats = [c for c in want.columns if c.startswith("f_")]
+    assert len(feats) == 15
+    assert (want["f_assoc_sum"] > 0).sum() > 10 and want["f_sim_mean"].is_not_nan().sum() > 10 and (want["f_pop_count"] > 0).sum() > 10
+    assert got.drop(feats).rows() == want.drop(feats).rows()
+    for c in feats:
+        np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=c)
