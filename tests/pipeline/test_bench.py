@@ -449,3 +449,9 @@ def test_bare_history_features_equal_funnel_s(tmp_path):
     assert got.drop(feats).rows() == want.drop(feats).rows()
     for c in feats:
         np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=c)
+
+
+def test_bare_baseline_resolves_the_config_version_in_artifact_paths():
+    params = {"index": "artifacts/{version}/association", "sources": [{"stages": [{"params": {"index": "a/{version}"}}]}], "k": 3}
+    assert bare._with_version(params, "v2") == {"index": "artifacts/v2/association",
+                                                "sources": [{"stages": [{"params": {"index": "a/v2"}}]}], "k": 3}
