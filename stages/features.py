@@ -24,13 +24,17 @@ __all__ = ["TextMatchFeatures", "FEATURES", "FEATURE_PREFIX", "DEFAULT_FEATURES"
 FEATURE_PREFIX = "f_"
 _TOKEN = r"[a-z0-9]+(?:[./][0-9]+)*"
 _NUMBER = r"[0-9]+(?:[./][0-9]+)*"
-# helper columns, computed once per batch and only when a chosen feature reads them: query tokens
-# and numbers (once per distinct query), title tokens and numbers, their overlap, their stems
+# helper columns, computed once per batch and only when a chosen feature reads them: query tokens,
+# numbers, stems and distinct counts (once per distinct query text), the same per distinct title,
+# then per row the token and stem overlaps
 _Q, _T = "__q_tokens", "__t_tokens"
 _QN, _TN = "__q_numbers", "__t_numbers"
-_OV = "__overlap"
 _QS, _TS = "__q_stems", "__t_stems"
-_HELPERS = (_Q, _T, _QN, _TN, _OV, _QS, _TS)
+_QU, _TU, _QSU = "__q_distinct", "__t_distinct", "__q_distinct_stems"
+_OV, _SOV = "__overlap", "__stem_overlap"
+_HELPERS = (_Q, _T, _QN, _TN, _QS, _TS, _QU, _TU, _QSU, _OV, _SOV)
+#: what each helper is built from (a helper needs these computed before it)
+_HELPER_NEEDS = {_QS: (_Q,), _TS: (_T,), _QU: (_Q,), _TU: (_T,), _QSU: (_QS,), _OV: (_Q, _T), _SOV: (_QS, _TS)}
 
 
 def feature_column(name: str) -> str:
@@ -61,10 +65,6 @@ def _tokens(col: str) -> pl.Expr:
     return pl.col(col).fill_null("").str.to_lowercase().str.extract_all(_TOKEN)
 
 
-def _stem_overlap() -> pl.Expr:
-    return pl.col(_QS).list.set_intersection(pl.col(_TS)).list.len()
-
-
 def _stems(frame: pl.DataFrame, tokens: pl.Expr) -> pl.Expr:
     """``tokens`` (a list column) with every word replaced by its Snowball (PyStemmer) stem."""
     import Stemmer
@@ -74,11 +74,20 @@ def _stems(frame: pl.DataFrame, tokens: pl.Expr) -> pl.Expr:
     return tokens.list.eval(pl.element().replace_strict(stems, default=pl.element(), return_dtype=pl.String))
 
 
-def _per_distinct(frame: pl.DataFrame, column: str, exprs: dict[str, pl.Expr]) -> pl.DataFrame:
-    """``frame`` with columns ``exprs`` (over ``column`` only) computed once per distinct value."""
+def _per_distinct(frame: pl.DataFrame, column: str, exprs: dict[str, pl.Expr], stems: dict[str, str] | None = None,
+                  after: dict[str, pl.Expr] | None = None) -> pl.DataFrame:
+    """``frame`` with columns ``exprs`` (over ``column`` only) computed once per distinct value.
+
+    ``stems`` (``{helper: token helper}``) adds the stemmed token lists, and ``after`` columns
+    over all of these, still once per distinct value.
+    """
     if not exprs:
         return frame
     distinct = frame.select(pl.col(column)).unique().with_columns(e.alias(h) for h, e in exprs.items())
+    if stems:
+        distinct = distinct.with_columns(_stems(distinct, pl.col(src)).alias(h) for h, src in stems.items())
+    if after:
+        distinct = distinct.with_columns(e.alias(h) for h, e in after.items())
     return frame.join(distinct, on=column, how="left", maintain_order="left", nulls_equal=True)
 
 
@@ -102,14 +111,25 @@ def _mention_column(col: str) -> str:
 
 
 def _mention_values(frame: pl.DataFrame, col: str, query_col: str) -> pl.Series:
-    """Per row: the attribute (text, or any element of a list such as colours) occurs in the query."""
+    """Per row: the attribute (text, or any element of a list such as colours) occurs in the query.
+
+    Worked out once per distinct (query, attribute) pair -- a query's candidates share a few
+    brands and colour lists -- and joined back onto the rows.
+    """
+    pairs = frame.select(pl.col(query_col), pl.col(col)).unique()
     if not isinstance(frame.schema[col], pl.List):
-        return frame.select(_mentions(col, query_col)).to_series()
-    long = (frame.select(pl.col(query_col), pl.col(col).list.eval(pl.element().cast(pl.String)).alias("__v"))
-            .with_row_index("__row").explode("__v"))
-    hit = long.select("__row", _mentions("__v", query_col).alias("__hit")).group_by("__row").agg(pl.col("__hit").any())
-    rows = pl.DataFrame({"__row": pl.int_range(frame.height, eager=True).cast(hit.schema["__row"])})
-    return rows.join(hit, on="__row", how="left").sort("__row")["__hit"].fill_null(False)
+        hits = pairs.with_columns(_mentions(col, query_col).alias("__hit"))
+    else:
+        long = (pairs.with_row_index("__pair")
+                .select("__pair", pl.col(query_col), pl.col(col).list.eval(pl.element().cast(pl.String)).alias("__v"))
+                .explode("__v"))
+        hit = (long.select("__pair", _mentions("__v", query_col).alias("__hit")).group_by("__pair")
+               .agg(pl.col("__hit").any()))
+        hits = (pairs.with_row_index("__pair").join(hit, on="__pair", how="left", maintain_order="left")
+                .drop("__pair"))
+    joined = frame.select(pl.col(query_col), pl.col(col)).join(hits, on=[query_col, col], how="left",
+                                                                maintain_order="left", nulls_equal=True)
+    return joined["__hit"].fill_null(False)
 
 
 def _per_source(s: "TextMatchFeatures", kind: str, missing: float) -> dict[str, pl.Expr]:
@@ -126,15 +146,14 @@ FEATURES: dict[str, Feature] = {
                         "share of query tokens in the title", helpers=(_OV,)),
     # |Q u T| = |Q| + |T| - |Q n T| over distinct tokens
     "jaccard": Feature(("query_column", "title_column"),
-                       lambda s: _safe_div(pl.col(_OV), pl.col(_Q).list.n_unique() + pl.col(_T).list.n_unique()
-                                           - pl.col(_OV)),
-                       "Jaccard similarity of query and title token sets", helpers=(_OV,)),
-    "stem_overlap": Feature(("query_column", "title_column"), lambda s: _stem_overlap(),
+                       lambda s: _safe_div(pl.col(_OV), pl.col(_QU) + pl.col(_TU) - pl.col(_OV)),
+                       "Jaccard similarity of query and title token sets", helpers=(_OV, _QU, _TU)),
+    "stem_overlap": Feature(("query_column", "title_column"), lambda s: pl.col(_SOV),
                             "query words found in the title after stemming ('drills' matches 'drill')",
-                            helpers=(_QS, _TS)),
+                            helpers=(_SOV,)),
     "stem_coverage": Feature(("query_column", "title_column"),
-                             lambda s: _safe_div(_stem_overlap(), pl.col(_QS).list.unique().list.len()),
-                             "share of the query's distinct stemmed words found in the title", helpers=(_QS, _TS)),
+                             lambda s: _safe_div(pl.col(_SOV), pl.col(_QSU)),
+                             "share of the query's distinct stemmed words found in the title", helpers=(_SOV, _QSU)),
     "title_len": Feature(("title_column",), lambda s: pl.col(_T).list.len(), "title length in tokens", helpers=(_T,)),
     "query_len": Feature(("query_column",), lambda s: pl.col(_Q).list.len(), "query length in tokens", helpers=(_Q,)),
     "number_match": Feature(
@@ -248,23 +267,28 @@ class TextMatchFeatures(Stage):
 
     def _helper_columns(self) -> list[str]:
         """The helper columns the chosen features read, with what they are built from, in build order."""
-        used = {h for f in self.features for h in FEATURES[f].helpers}
-        if used & {_OV, _QS, _TS}:
-            used |= {_Q, _T}
+        used, todo = set(), [h for f in self.features for h in FEATURES[f].helpers]
+        while todo:
+            h = todo.pop()
+            if h not in used:
+                used.add(h)
+                todo += _HELPER_NEEDS.get(h, ())
         return [h for h in _HELPERS if h in used]
 
     def transform(self, table: pa.Table) -> pa.Table:
         frame = pl.from_arrow(table)
         helpers = self._helper_columns()
         q, t = self.query_column, self.title_column
-        # a query has ~100 candidate rows and a popular item shows up for many queries: tokens and
-        # numbers are worked out once per distinct query text and once per distinct title
-        out = _per_distinct(frame, q, {h: e for h, e in ((_Q, _tokens(q)), (_QN, _numbers(q))) if h in helpers})
-        out = _per_distinct(out, t, {h: e for h, e in ((_T, _tokens(t)), (_TN, _numbers(t))) if h in helpers})
-        if _OV in helpers:
-            out = out.with_columns(pl.col(_Q).list.set_intersection(pl.col(_T)).list.len().alias(_OV))
-        if _QS in helpers:
-            out = out.with_columns(_stems(out, pl.col(_Q)).alias(_QS), _stems(out, pl.col(_T)).alias(_TS))
+        # a query has ~100 candidate rows and a popular item shows up for many queries: tokens,
+        # numbers, stems and distinct counts are worked out once per distinct query text and once
+        # per distinct title; only the overlaps are per row
+        pick = (lambda pairs: {h: e for h, e in pairs if h in helpers})
+        out = _per_distinct(frame, q, pick(((_Q, _tokens(q)), (_QN, _numbers(q)))), pick(((_QS, _Q),)),
+                            pick(((_QU, pl.col(_Q).list.n_unique()), (_QSU, pl.col(_QS).list.n_unique()))))
+        out = _per_distinct(out, t, pick(((_T, _tokens(t)), (_TN, _numbers(t)))), pick(((_TS, _T),)),
+                            pick(((_TU, pl.col(_T).list.n_unique()),)))
+        overlap = (lambda a, b: pl.col(a).list.set_intersection(pl.col(b)).list.len())
+        out = out.with_columns([e.alias(h) for h, e in ((_OV, overlap(_Q, _T)), (_SOV, overlap(_QS, _TS))) if h in helpers])
         mentioned = {getattr(self, FEATURES[f].mention) for f in self.features if FEATURES[f].mention}
         out = out.with_columns(_mention_values(frame, c, q).alias(_mention_column(c)) for c in sorted(mentioned))
         out = (out.with_columns(self._exprs().values())

@@ -117,10 +117,91 @@ def test_sweeps_and_synthetic_ann_write_pareto_plots(demo_shop, tmp_path):
 
 
 def test_bare_baseline_refuses_a_stage_it_does_not_cover(tmp_path):
-    config = tmp_path / "bm25.toml"
-    config.write_text('[[stages]]\ntype = "recall.bm25"\n')
-    with pytest.raises(Unsupported, match="recall.bm25"):
+    config = tmp_path / "plugin.toml"
+    config.write_text('[[stages]]\ntype = "plugin.custom_rerank"\n')  # a third-party stage type
+    with pytest.raises(Unsupported, match="plugin.custom_rerank"):
         BarePipeline(config)
+
+
+def test_bare_baseline_covers_every_built_in_stage_type_or_says_why_not():
+    """Every stage type pyproject.toml registers is re-done by the baseline, or listed in
+    NOT_COVERED with a reason (so `funnel bench` gives an overhead_ratio on the pipelines users run)."""
+    registered = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["funnel.stages"])
+    assert not set(bare.SUPPORTED) & set(bare.NOT_COVERED)
+    assert registered == set(bare.SUPPORTED) | set(bare.NOT_COVERED), (
+        f"not covered and not listed: {sorted(registered - set(bare.SUPPORTED) - set(bare.NOT_COVERED))}; "
+        f"listed but not registered: {sorted((set(bare.SUPPORTED) | set(bare.NOT_COVERED)) - registered)}")
+    assert all(reason.strip() for reason in bare.NOT_COVERED.values())
+
+
+LEXICAL_HYBRID = """
+[pipeline]
+name = "lexical-hybrid"
+inputs = { query_id = "any", query = "string" }
+
+[data]
+catalog = "data/catalog.parquet"
+judgments = "data/judgments.parquet"
+
+[[stages]]
+type = "recall.fused"
+[stages.params]
+method = "rrf"
+k = 60
+sources = [
+  { name = "stems", stages = [ { type = "recall.bm25", params = { index = "artifacts/bm25", k = 40, item_text = ["title"], k1 = 0.9, b = 0.4 } } ] },
+  { name = "plain", weight = 0.5, stages = [ { type = "recall.bm25", params = { index = "artifacts/bm25-plain", k = 30, item_text = ["title", "brand"], stemmer = "", stopwords = [], method = "bm25+" } } ] },
+]
+
+[[stages]]
+type = "lookup.catalog"
+params = { items = "artifacts/items", columns = ["title", "brand", "color", "material"] }
+
+[[stages]]
+type = "filter.rules"
+params = { rules = [{ column = "title", op = "not_null" }] }
+
+[[stages]]
+type = "features.text"
+[stages.params]
+features = ["recall_score", "fusion_rank", "source_scores", "source_ranks", "n_sources", "overlap", "coverage", "jaccard",
+            "stem_overlap", "stem_coverage", "title_len", "query_len", "number_match", "query_has_number", "brand_match",
+            "color_match", "material_match"]
+sources = ["stems", "plain"]
+
+[[stages]]
+type = "features.item_stats"
+params = { stats = "artifacts/item_stats", brand_column = "brand", depth = 10 }
+
+[[stages]]
+type = "rank.lightgbm"
+params = { model = "artifacts/ranker", n_estimators = 30, holdout_fraction = 0.3, valid_fraction = 0.2 }
+
+[[stages]]
+type = "display.topn"
+params = { n = 20, variant_key = "title", cap_column = "brand", cap = 5 }
+"""
+
+
+@pytest.mark.slow
+def test_bare_baseline_of_a_fused_lexical_pipeline_returns_the_same_lists(tmp_path):
+    """recall.fused over two BM25 sources, every text feature, item statistics and variant collapse:
+    the bare baseline runs it (nothing skipped) and agrees with Funnel on every query."""
+    from pipeline.build import build_artifacts
+    from pipeline.config import load_config
+    from pipeline.demo_data import generate_demo_data
+
+    generate_demo_data(tmp_path / "data", n_items=300, n_queries=90, seed=2)
+    (tmp_path / "pipeline.toml").write_text(LEXICAL_HYBRID)
+    build_artifacts(load_config(tmp_path / "pipeline.toml"), progress=False, log=lambda m: None)
+    ranker = tmp_path / "artifacts" / "ranker"
+    result = invoke("bench", tmp_path / "pipeline.toml", "--queries", ranker / "holdout_queries.parquet",
+                    "--out", tmp_path / "bench", "--repeats", 1, "--warmup", 0, "--batch-size", 16, "--encoder-texts", 0,
+                    "--bare", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench" / "report.json").read_text())
+    assert report["overhead"]["agreement"] == 1.0 and report["overhead"]["overhead_ratio"] > 0
+    assert all(s["bare_p50_ms"] > 0 for s in report["stages"])
 
 
 def test_bare_baseline_imports_nothing_from_funnel():
@@ -201,3 +282,176 @@ def test_stored_vectors_are_the_indexed_vectors(factory):
     xb, _ = synthetic_vectors(300, 8, n_queries=1, seed=0)
     index = FaissIndex.build(xb, pa.array(np.arange(300)), factory=factory, normalize=False)
     np.testing.assert_allclose(stored_vectors(index._cpu_index), xb, atol=1e-6)
+
+
+@pytest.mark.parametrize("last_n", [None, 1])
+def test_bare_history_filter_keeps_the_rows_funnel_keeps(tmp_path, last_n):
+    import polars as pl
+
+    from stages.history import HistoryFilter
+
+    config = tmp_path / "history.toml"
+    config.write_text('[[stages]]\ntype = "filter.history"\n' + (f"params = {{ last_n = {last_n} }}\n" if last_n else ""))
+    table = pa.table({"query_id": ["u1", "u1", "u1", "u2", "u2", "u3"], "item_id": ["a", "b", "c", "a", "d", "e"],
+                      "history": [["b", "a"], ["b", "a"], ["b", "a"], None, None, []]})
+    want = HistoryFilter(last_n=last_n)(table)
+    got = BarePipeline(config).run(table)
+    assert got.select("query_id", "item_id").rows() == pl.from_arrow(want.select(["query_id", "item_id"])).rows()
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_bare_popularity_recall_returns_funnel_s_lists(tmp_path, exclude):
+    import polars as pl
+
+    from pipeline.build import build_artifacts
+    from pipeline.config import PipelineConfig, load_config
+
+    logs = pa.table({"user_id": ["u1", "u2", "u3", "u4"], "items": [["a", "b", "c"], ["b", "c"], ["c", "d"], ["e", "c", "b"]]})
+    import pyarrow.parquet as pq
+
+    pq.write_table(logs, tmp_path / "logs.parquet")
+    PipelineConfig(stages=[{"type": "recall.popularity", "params": {"index": "artifacts/pop", "k": 3, "exclude_history": exclude}}],
+                   data={"logs": "logs.parquet"}, inputs={"query_id": "string", "history": "list<string>"}).save(tmp_path / "p.toml")
+    stage = build_artifacts(load_config(tmp_path / "p.toml"), progress=False, log=lambda m: None).stages[0]
+    stage.warm_up()
+    queries = pa.table({"query_id": ["q1", "q2", "q3"], "history": [["c", "b"], [], None]})
+    want = pl.from_arrow(stage(queries).select(["query_id", "item_id", "score", "rank", "source"]))
+    got = BarePipeline(tmp_path / "p.toml").run(queries).select(want.columns)
+    assert got.rows() == want.rows()
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_bare_user_vector_recall_returns_funnel_s_lists(tmp_path, exclude):
+    import polars as pl
+
+    from indexes.faiss_index import FaissIndex
+    from stages.user_vector import UserVectorRecall
+
+    xb, _ = synthetic_vectors(200, 16, n_queries=1, seed=1)
+    ids = [f"i{n}" for n in range(200)]
+    FaissIndex.build(xb, pa.array(ids), factory="Flat", metric="ip", normalize=True).save(tmp_path / "content")
+    config = tmp_path / "uv.toml"
+    config.write_text('[[stages]]\ntype = "recall.user_vector"\n'
+                      f'params = {{ index = "content", k = 7, recency = 0.6, exclude_history = {str(exclude).lower()} }}\n')
+    rng = np.random.default_rng(0)
+    histories = [[ids[j] for j in rng.integers(0, 200, size=rng.integers(1, 6))] for _ in range(20)]
+    histories += [["i3", "unknown", "i3"], ["unknown"], [], None]
+    queries = pa.table({"query_id": [f"u{n}" for n in range(len(histories))], "history": histories})
+    stage = UserVectorRecall(index=str(tmp_path / "content"), k=7, recency=0.6, exclude_history=exclude)
+    stage.warm_up()
+    want = pl.from_arrow(stage(queries).select(["query_id", "item_id", "score", "rank", "source"]))
+    got = BarePipeline(config).run(queries).select(want.columns)
+    assert got.drop("score").rows() == want.drop("score").rows()
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["index", "embedding_column"])
+def test_bare_mmr_display_shows_funnel_s_lists(tmp_path, source):
+    import polars as pl
+
+    from indexes.faiss_index import FaissIndex
+    from stages.mmr import MMRDisplay
+
+    xb, _ = synthetic_vectors(120, 8, n_queries=1, seed=2)
+    FaissIndex.build(xb, pa.array(np.arange(100, 220)), factory="Flat", metric="ip", normalize=True).save(tmp_path / "vec")
+    rng = np.random.default_rng(3)
+    rows = []
+    for q in (5, 3, 9):  # queries not in id order, one with fewer candidates than shown
+        m = 4 if q == 3 else 30
+        items = rng.choice(np.arange(100, 230), size=m, replace=False)  # ids >= 220 have no vector
+        for r, item in enumerate(items):
+            rows.append({"query_id": q, "item_id": int(item), "score": float(rng.normal()), "rank": r + 1})
+    table = pa.Table.from_pylist(rows).cast(pa.schema([("query_id", pa.int64()), ("item_id", pa.int64()),
+                                                       ("score", pa.float32()), ("rank", pa.int32())]))
+    params = {"n": 6, "mmr_lambda": 0.5, "candidates": 20}
+    if source == "index":
+        params["index"] = str(tmp_path / "vec")
+    else:
+        vec = np.vstack([xb, np.zeros((10, 8), np.float32)])[table.column("item_id").to_numpy() - 100]
+        table = table.append_column("emb", pa.array([list(v) if v.any() else None for v in vec], pa.list_(pa.float32())))
+        params["embedding_column"] = "emb"
+    config = tmp_path / "mmr.toml"
+    config.write_text('[[stages]]\ntype = "display.mmr"\n[stages.params]\n'
+                      + "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in params.items()))
+    stage = MMRDisplay(**params, device="cpu")
+    stage.warm_up()
+    want = pl.from_arrow(stage(table).select(["query_id", "item_id", "rank"]))
+    got = BarePipeline(config).run(table).select(want.columns)
+    assert want.height == 16  # 6 + 4 + 6
+    assert got.rows() == want.rows()
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_bare_association_recall_returns_funnel_s_lists(tmp_path, exclude):
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from pipeline.build import build_artifacts
+    from pipeline.config import PipelineConfig, load_config
+
+    rng = np.random.default_rng(4)
+    items = [f"i{n}" for n in range(40)]
+    logs = pa.table({"user_id": [f"u{n}" for n in range(120)],
+                     "items": [[items[j] for j in rng.integers(0, 40, size=rng.integers(2, 9))] for _ in range(120)]})
+    pq.write_table(logs, tmp_path / "logs.parquet")
+    params = {"index": "artifacts/assoc", "k": 8, "recency": 0.6, "exclude_history": exclude, "beta": 0.4}
+    PipelineConfig(stages=[{"type": "recall.association", "params": params}], data={"logs": "logs.parquet"},
+                   inputs={"query_id": "string", "history": "list<string>"}).save(tmp_path / "p.toml")
+    stage = build_artifacts(load_config(tmp_path / "p.toml"), progress=False, log=lambda m: None).stages[0]
+    stage.warm_up()
+    histories = [[items[j] for j in rng.integers(0, 40, size=rng.integers(1, 5))] for _ in range(15)]
+    histories += [["i1", "unknown", "i1"], ["unknown"], [], None]
+    queries = pa.table({"query_id": [f"q{n}" for n in range(len(histories))], "history": histories})
+    want = pl.from_arrow(stage(queries).select(["query_id", "item_id", "score", "rank", "source"]))
+    got = BarePipeline(tmp_path / "p.toml").run(queries).select(want.columns)
+    assert want.height > 100
+    assert got.drop("score").rows() == want.drop("score").rows()
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-6)
+
+
+def test_bare_history_features_equal_funnel_s(tmp_path):
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from indexes.faiss_index import FaissIndex
+    from pipeline.build import build_artifacts
+    from pipeline.config import PipelineConfig, load_config
+    from stages.history import HistoryFeatures
+
+    rng = np.random.default_rng(5)
+    items = [f"i{n}" for n in range(40)]
+    logs = pa.table({"user_id": [f"u{n}" for n in range(120)],
+                     "items": [[items[j] for j in rng.integers(0, 40, size=rng.integers(2, 9))] for _ in range(120)]})
+    pq.write_table(logs, tmp_path / "logs.parquet")
+    for kind, folder in (("recall.association", "artifacts/association"), ("recall.popularity", "artifacts/popularity")):
+        PipelineConfig(stages=[{"type": kind, "params": {"index": folder}}], data={"logs": "logs.parquet"},
+                       inputs={"query_id": "string", "history": "list<string>"}).save(tmp_path / "p.toml")
+        build_artifacts(load_config(tmp_path / "p.toml"), progress=False, log=lambda m: None)
+    xb, _ = synthetic_vectors(35, 8, n_queries=1, seed=6)  # i35..i39 have no vector
+    FaissIndex.build(xb, pa.array(items[:35]), factory="Flat", metric="ip", normalize=True).save(tmp_path / "artifacts/content")
+    histories = [[items[j] for j in rng.integers(0, 40, size=rng.integers(1, 6))] for _ in range(12)]
+    histories += [["i1", "unknown", "i2"], ["i3", "unknown"], ["unknown"], [], None]
+    rows = [{"query_id": f"q{q}", "item_id": items[j] if j < 40 else "new", "history": h,
+             "score": float(rng.normal()), "rank": r + 1}
+            for q, h in enumerate(histories) for r, j in enumerate(rng.integers(0, 41, size=6))]
+    table = pa.Table.from_pylist(rows)
+    paths = {name: str(tmp_path / "artifacts" / name) for name in ("association", "content", "popularity")}
+    config = tmp_path / "hf.toml"
+    config.write_text('[[stages]]\ntype = "features.history"\n[stages.params]\nrecency = 0.5\n'
+                      + "".join(f'{k} = "{v}"\n' for k, v in paths.items()))
+    stage = HistoryFeatures(**paths, recency=0.5)
+    stage.warm_up()
+    want = pl.from_arrow(stage(table))
+    got = BarePipeline(config).run(table).select(want.columns)
+    feats = [c for c in want.columns if c.startswith("f_")]
+    assert len(feats) == 15
+    assert (want["f_assoc_sum"] > 0).sum() > 10 and want["f_sim_mean"].is_not_nan().sum() > 10 and (want["f_pop_count"] > 0).sum() > 10
+    assert got.drop(feats).rows() == want.drop(feats).rows()
+    for c in feats:
+        np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=c)
+
+
+def test_bare_baseline_resolves_the_config_version_in_artifact_paths():
+    params = {"index": "artifacts/{version}/association", "sources": [{"stages": [{"params": {"index": "a/{version}"}}]}], "k": 3}
+    assert bare._with_version(params, "v2") == {"index": "artifacts/v2/association",
+                                                "sources": [{"stages": [{"params": {"index": "a/v2"}}]}], "k": 3}

@@ -35,3 +35,51 @@ def test_popularity_is_log1p_of_the_column_and_zero_where_missing():
     stage = TextMatchFeatures(features=["popularity"], popularity_column="sales")
     assert stage.required_columns().names == ["query_id", "sales"]
     assert stage(t).column("f_popularity").to_pylist() == pytest.approx([0.0, math.log(10.0), 0.0])
+
+
+def _reference_row(query, title, brand, colors):
+    """The text features of one row, written out plainly (sets, one row at a time)."""
+    import re
+
+    import Stemmer
+
+    stem = Stemmer.Stemmer("english")
+    tok = (lambda text: re.findall(r"[a-z0-9]+(?:[./][0-9]+)*", (text or "").lower()))
+    num = (lambda text: re.findall(r"[0-9]+(?:[./][0-9]+)*", (text or "").lower()))
+    q, t, qn, tn = tok(query), tok(title), num(query), num(title)
+    qs, ts = set(stem.stemWords(q)), set(stem.stemWords(t))
+    ov, sov = len(set(q) & set(t)), len(qs & ts)
+    div = (lambda a, b: a / b if b > 0 else 0.0)
+    said = (lambda v: bool(v) and v.lower() in query.lower())
+    return {"f_overlap": ov, "f_coverage": div(ov, len(q)), "f_jaccard": div(ov, len(set(q)) + len(set(t)) - ov),
+            "f_stem_overlap": sov, "f_stem_coverage": div(sov, len(qs)), "f_title_len": len(t), "f_query_len": len(q),
+            "f_number_match": div(len(set(qn) & set(tn)), len(qn)), "f_query_has_number": float(bool(qn)),
+            "f_brand_match": float(said(brand)), "f_color_match": float(any(said(c) for c in colors or []))}
+
+
+def test_features_worked_out_per_distinct_text_equal_a_row_by_row_reference():
+    """Tokens, stems, distinct counts and attribute mentions are computed once per distinct query,
+    title or (query, attribute) pair; every value equals the plain per-row computation."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    words = ["drill", "drills", "drilling", "cordless", "3/4", "in.", "60", "watt", "led", "bulbs", "red", "white",
+             "Ironvale", "hose", "garden", "1.5", "x"]
+    n = 400
+    text = (lambda lo, hi: " ".join(rng.choice(words, size=int(rng.integers(lo, hi)))))
+    queries = [text(1, 5) for _ in range(25)]
+    rows = {"query_id": [], "query": [], "title": [], "brand": [], "colors": []}
+    for _ in range(n):
+        qi = int(rng.integers(len(queries)))
+        rows["query_id"].append(qi)
+        rows["query"].append(queries[qi])
+        rows["title"].append(None if rng.random() < 0.05 else text(0, 8) if rng.random() < 0.5 else f"title {rng.integers(30)} drill")
+        rows["brand"].append([None, "", "Ironvale", "Acme", "RED"][int(rng.integers(5))])
+        rows["colors"].append([None, [], ["white"], ["Red", None], ["blue", "white"]][int(rng.integers(5))])
+    table = pa.table(rows)
+    names = ["overlap", "coverage", "jaccard", "stem_overlap", "stem_coverage", "title_len", "query_len",
+             "number_match", "query_has_number", "brand_match", "color_match"]
+    out = TextMatchFeatures(features=names, color_column="colors")(table).to_pylist()
+    for row, got in zip(table.to_pylist(), out):
+        want = _reference_row(row["query"], row["title"], row["brand"], row["colors"])
+        assert {k: got[k] for k in want} == {k: float(np.float32(v)) for k, v in want.items()}, row
