@@ -40,6 +40,7 @@ PARITY_TESTS = {
     "recall.user_vector": "tests/stages/test_gpu_parity.py",
     "recall.sequence": "tests/stages/test_sequence.py",
     "features.sequence": "tests/stages/test_sequence.py",
+    "rerank.cross_encoder": "tests/stages/test_cross_encoder.py (the conformance kit's cpu_gpu_parity)",
     "features.price_band": "examples/plugin/tests (parametrize_with_checks includes cpu_gpu_parity)",
 }
 
