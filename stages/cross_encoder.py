@@ -326,15 +326,36 @@ class CrossEncoderReranker(Stage):
                            pl.col(self.text_column).fill_null("").alias("t"), "target"])
 
     def _init_model(self, base_path: str):
-        """A fresh cross-encoder from the base model's weights (new one-logit head), ``layers`` deep, fp32."""
+        """A fresh cross-encoder from the base model's weights, ``layers`` deep, fp32.
+
+        A base that is already a sequence classifier (a published cross-encoder) keeps its head.
+        Any other base (a sentence-transformers bi-encoder such as the packaged all-MiniLM-L6-v2)
+        gets a mean-pooled one-logit head: such models are trained with mean pooling and their
+        ``[CLS]`` state is the same vector for every input (std 0.0009 across inputs measured on
+        MiniLM), so a ``[CLS]`` head has nothing to learn from and fine-tuning does not move it.
+        """
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import CrossEncoder
+        from transformers import AutoConfig
 
         local = Path(base_path).exists()
-        ce = CrossEncoder(base_path, num_labels=1, max_length=self.max_length, device="cpu", local_files_only=local)
+        config = AutoConfig.from_pretrained(base_path, local_files_only=local)
+        if any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+            ce = CrossEncoder(base_path, num_labels=1, max_length=self.max_length, device="cpu", local_files_only=local)
+        else:
+            from sentence_transformers.base.modules import Dense, Transformer
+            from sentence_transformers.sentence_transformer.modules import Pooling
+
+            body = Transformer(base_path, transformer_task="feature-extraction", max_seq_length=self.max_length,
+                               model_kwargs={"local_files_only": local}, processor_kwargs={"local_files_only": local},
+                               config_kwargs={"local_files_only": local})
+            dim = body.auto_model.config.hidden_size
+            ce = CrossEncoder(modules=[body, Pooling(dim, "mean"),
+                                       Dense(dim, 1, activation_function=None, module_output_name="scores")],
+                              device="cpu")
         hf = ce[0].auto_model
         if self.layers is not None:
-            encoder = getattr(getattr(hf, hf.base_model_prefix), "encoder")
+            encoder = getattr(hf, hf.base_model_prefix, hf).encoder
             if self.layers < len(encoder.layer):
                 encoder.layer = encoder.layer[:self.layers]
                 hf.config.num_hidden_layers = self.layers
@@ -346,33 +367,31 @@ class CrossEncoderReranker(Stage):
         from tqdm.auto import tqdm
         from transformers import get_linear_schedule_with_warmup
 
-        model, tokenizer = ce[0].auto_model, ce.tokenizer
         rng = np.random.default_rng(self.seed)
         qs, ts, ys = pairs["q"].to_list(), pairs["t"].to_list(), pairs["target"].to_numpy().astype(np.float32)
         n = len(qs)
         steps = max(1, int(np.ceil(n / self.train_batch_size * self.epochs)))
-        opt = torch.optim.AdamW(model.parameters(), lr=self.learning_rate, weight_decay=0.01)
+        opt = torch.optim.AdamW(ce.parameters(), lr=self.learning_rate, weight_decay=0.01)
         sched = get_linear_schedule_with_warmup(opt, max(1, steps // 10), steps)
         loss_fn = torch.nn.BCEWithLogitsLoss()
-        model.train()
+        ce.train()
         order = np.concatenate([rng.permutation(n) for _ in range(int(np.ceil(self.epochs)))])
         with tqdm(total=steps, desc=f"{self.name} fine-tuning", unit="step", disable=not ctx.progress) as bar:
             for step in range(steps):
                 rows = order[step * self.train_batch_size:(step + 1) * self.train_batch_size]
                 if len(rows) == 0:
                     break
-                feats = tokenizer([qs[i] for i in rows], [ts[i] for i in rows], truncation=True,
-                                  max_length=self.max_length, padding=True, return_tensors="pt")
-                logits = model(**feats).logits[:, 0]
+                feats = ce.preprocess([(qs[i], ts[i]) for i in rows])
+                logits = ce(feats)["scores"][:, 0]
                 loss = loss_fn(logits, torch.from_numpy(ys[rows]))
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(ce.parameters(), 1.0)
                 opt.step()
                 sched.step()
                 opt.zero_grad()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        model.eval()
+        ce.eval()
 
     def _valid_ndcg(self, ce, cands: pl.DataFrame, judgments: pa.Table) -> dict[str, float | None]:
         """NDCG@10 of the validation queries' top ``k`` in the upstream order and in the model's."""
