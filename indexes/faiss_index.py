@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from pipeline.errors import ArtifactError, ConfigError, DataError, DeviceError
 
 __all__ = ["FaissIndex", "INDEX_FILE", "IDS_FILE", "GPU_MAX_K", "gpu_search_fallback", "faiss_has_gpu",
-           "installed_faiss_distributions", "check_faiss_distributions"]
+           "installed_faiss_distributions", "check_faiss_distributions", "AUTO", "auto_factory", "train_rows",
+           "build_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,69 @@ CAGRA_ITOPK = 64
 #: of 0.09 s with BLAS on 2 AMD EPYC cores (benchmarks/results/). faiss' threshold is a
 #: process-wide setting; it is lowered to this value, never raised.
 BLAS_THRESHOLD = 20
+#: ``factory="auto"``: chosen from the item count by :func:`auto_factory`
+AUTO = "auto"
+#: below this many items ``"auto"`` builds an exact ``Flat`` index
+AUTO_FLAT_BELOW = 200_000
+#: IVF lists ``"auto"`` visits per query unless a search says otherwise (stored in the index);
+#: docs/benchmarks.md measured IVF4096 at 0.960 recall@10 with 4 on 1M x 384 synthetic vectors,
+#: and text embeddings cluster less cleanly than those, hence the margin
+AUTO_NPROBE = 16
+#: training vectors per IVF list: faiss warns below 39; k-means subsamples above 256
+TRAIN_PER_LIST = 64
+#: training vectors at least (and for trained factories without lists, such as PQ alone)
+MIN_TRAIN_ROWS = 50_000
+
+
+def auto_factory(count: int) -> tuple[str, int | None]:
+    """``(factory, nprobe)`` that ``factory="auto"`` builds for ``count`` items.
+
+    Exact search (``"Flat"``, nprobe ``None``) below :data:`AUTO_FLAT_BELOW` items; above,
+    ``"IVF{nlist},Flat"`` with ``nlist`` the power of two nearest ``4 * sqrt(count)`` (200k ->
+    2048, 1M -> 4096, 10M -> 16384) searched with :data:`AUTO_NPROBE` lists.
+    """
+    if count < AUTO_FLAT_BELOW:
+        return "Flat", None
+    nlist = 1 << round(math.log2(4 * math.sqrt(count)))
+    return f"IVF{nlist},Flat", AUTO_NPROBE
+
+
+def train_rows(factory: str, count: int, dim: int = 8, metric: str = "ip") -> int:
+    """Vectors a build from shards trains ``factory`` on: 0 when it needs no training, else
+    ``max(TRAIN_PER_LIST * nlist, MIN_TRAIN_ROWS)`` capped by ``count``."""
+    if factory == AUTO:
+        factory = auto_factory(count)[0]
+    if factory.upper().startswith("CAGRA"):
+        return 0
+    index = _make_index(dim, factory, metric)
+    if index.is_trained:
+        return 0
+    ivf = faiss.try_extract_index_ivf(index)
+    return min(count, max(TRAIN_PER_LIST * ivf.nlist if ivf is not None else 0, MIN_TRAIN_ROWS))
+
+
+def build_memory(factory: str, count: int, dim: int, shard_rows: int, metric: str = "ip") -> int:
+    """Bytes :meth:`FaissIndex.from_shards` holds at most for ``count`` vectors of ``dim``: the
+    vectors in the index (stored raw: compressed factories hold less), the training sample, one
+    shard and its normalised copy, the row ids of an IVF index and the links of an HNSW graph."""
+    if factory == AUTO:
+        factory = auto_factory(count)[0]
+    shard = min(shard_rows, count)
+    estimate = 4 * dim * (count + train_rows(factory, count, dim, metric) + 2 * shard)
+    if "IVF" in factory.upper():
+        estimate += 8 * count
+    if (hnsw := re.search(r"HNSW(\d*)", factory.upper())) is not None:
+        estimate += 8 * count * int(hnsw.group(1) or 32)
+    return estimate
+
+
+def _make_index(dim: int, factory: str, metric: str) -> faiss.Index:
+    if metric not in METRICS:
+        raise ConfigError(f"{WHAT}: metric must be one of {tuple(METRICS)}; got {metric!r} instead")
+    try:
+        return faiss.index_factory(dim, factory, METRICS[metric])
+    except RuntimeError as exc:
+        raise ConfigError(f"{WHAT}: faiss cannot make an index from factory string {factory!r} ({_reason(exc)})") from exc
 
 
 def prefer_blas_for_batches() -> None:
@@ -168,6 +233,8 @@ class FaissIndex:
         self.normalize = normalize
         self._encoder = encoder
         self.location = location
+        #: the factory asked for (``"auto"``) when it differs from :attr:`factory`
+        self.requested_factory = factory
         ivf = faiss.try_extract_index_ivf(index)
         self._ivf = ivf is not None
         self._hnsw = isinstance(faiss.downcast_index(index), faiss.IndexHNSW)
@@ -190,46 +257,105 @@ class FaissIndex:
     ) -> "FaissIndex":
         """Index ``embeddings`` (n, d) whose row i is the item ``item_ids[i]``.
 
-        ``factory`` is a FAISS index factory string ("Flat", "HNSW32", "IVF1024,Flat", ...).
-        Indexes that need training (IVF, PQ) are trained on ``train_size`` rows sampled with
-        ``seed`` (all rows when ``None``).
+        ``factory`` is a FAISS index factory string ("Flat", "HNSW32", "IVF1024,Flat", ...) or
+        ``"auto"`` (:func:`auto_factory`). Indexes that need training (IVF, PQ) are trained on
+        ``train_size`` rows sampled with ``seed`` (all rows when ``None``). The same as
+        :meth:`from_shards` with one shard.
         """
-        if metric not in METRICS:
-            raise ConfigError(f"{WHAT}: metric must be one of {tuple(METRICS)}; got {metric!r} instead")
         x = _as_matrix(embeddings, "embeddings")
         if isinstance(item_ids, pa.ChunkedArray):
             item_ids = item_ids.combine_chunks()
         item_ids = pa.array(item_ids) if not isinstance(item_ids, pa.Array) else item_ids
         if len(item_ids) != len(x):
             raise DataError(f"{WHAT}: {len(x)} embeddings but {len(item_ids)} item ids")
-        if len(x) == 0:
+        return cls.from_shards([(item_ids, x)], count=len(x), factory=factory, metric=metric, normalize=normalize,
+                               encoder=encoder, train_size=len(x) if train_size is None else train_size, seed=seed)
+
+    @classmethod
+    def from_shards(
+        cls,
+        shards: Iterable[tuple[pa.Array, np.ndarray]],
+        *,
+        count: int | None = None,
+        factory: str = "Flat",
+        metric: str = "ip",
+        normalize: bool = True,
+        encoder: str | None = None,
+        train_size: int | None = None,
+        seed: int = 0,
+        nprobe: int | None = None,
+        progress: bool = False,
+        desc: str = "indexing",
+    ) -> "FaissIndex":
+        """Index ``(item ids, vectors)`` shards in order, holding one shard at a time beside the index.
+
+        ``shards`` is a sequence, or any iterable that gives the same shards each time it is
+        iterated (one that reads shard files, say): it is iterated once to add the vectors, once
+        more for a training sample when the factory needs training, and once to count the rows
+        when ``count`` is not given. Each shard is normalised in a copy (when ``normalize``) and
+        added; the ids are concatenated as Arrow. The index equals :meth:`build`'s on the
+        concatenated shards (bit for bit for Flat; for trained factories too when ``train_size``
+        and ``seed`` are the same).
+
+        ``factory="auto"`` picks the factory and ``nprobe`` from ``count`` (:func:`auto_factory`).
+        Trained factories (IVF, PQ) are trained on ``train_size`` rows (:func:`train_rows` when
+        ``None``; all rows when it is ``count`` or more) drawn with ``seed`` over the whole
+        sequence and gathered shard by shard. ``nprobe`` is stored in an IVF index as the lists
+        a search visits when it does not say (faiss' default is 1).
+        """
+        if metric not in METRICS:
+            raise ConfigError(f"{WHAT}: metric must be one of {tuple(METRICS)}; got {metric!r} instead")
+        if count is None:
+            count = sum(len(ids) for ids, _ in shards)
+        if count == 0:
             raise DataError(f"{WHAT}: no embeddings to index")
-        if item_ids.null_count:
-            raise DataError(f"{WHAT}: {item_ids.null_count} item ids are null")
-        if normalize:
-            x = x.copy()
-            faiss.normalize_L2(x)
-        if factory.upper().startswith("CAGRA"):
-            index = _build_cagra(x, factory, metric)
+        requested = factory
+        if factory == AUTO:
+            factory, auto_nprobe = auto_factory(count)
+            nprobe = auto_nprobe if nprobe is None else nprobe
+
+        def prepared(vectors: np.ndarray) -> np.ndarray:
+            x = _as_matrix(vectors, "embeddings")
+            if normalize:
+                x = np.array(x, dtype=np.float32, order="C", copy=True)
+                faiss.normalize_L2(x)
+            return x
+
+        if factory.upper().startswith("CAGRA"):  # built on the GPU from every vector at once
+            parts = [(ids, prepared(v)) for ids, v in shards]
+            item_ids = _concat_ids([ids for ids, _ in parts], [len(v) for _, v in parts])
+            index = _build_cagra(np.concatenate([v for _, v in parts]), factory, metric)
             return cls(index, item_ids, factory=factory, metric=metric, normalize=normalize, encoder=encoder)
-        try:
-            index = faiss.index_factory(x.shape[1], factory, METRICS[metric])
-        except RuntimeError as exc:
-            raise ConfigError(f"{WHAT}: faiss cannot make an index from factory string {factory!r} ({_reason(exc)})") from exc
+        dim = None
+        for _, vectors in shards:
+            dim = _as_matrix(vectors, "embeddings").shape[1]
+            break
+        if dim is None:
+            raise DataError(f"{WHAT}: no embeddings to index")
+        index = _make_index(dim, factory, metric)
         if not index.is_trained:
-            sample = x
-            if train_size is not None and train_size < len(x):
-                rows = np.random.default_rng(seed).choice(len(x), size=train_size, replace=False)
-                sample = x[np.sort(rows)]
-            try:
-                index.train(sample)
-            except RuntimeError as exc:
-                raise DataError(
-                    f"{WHAT}: training {factory!r} on {len(sample)} vectors failed ({_reason(exc)}); "
-                    "use more vectors or fewer lists"
-                ) from exc
-        index.add(x)
-        return cls(index, item_ids, factory=factory, metric=metric, normalize=normalize, encoder=encoder)
+            _train(index, shards, prepared, count, dim, factory,
+                   train_rows(factory, count, dim, metric) if train_size is None else train_size, seed)
+        if nprobe is not None and (ivf := faiss.try_extract_index_ivf(index)) is not None:
+            ivf.nprobe = int(nprobe)
+        from tqdm.auto import tqdm
+
+        ids, sizes = [], []
+        with tqdm(total=count, desc=desc, unit="row", disable=not progress) as bar:
+            for shard_ids, vectors in shards:
+                x = prepared(vectors)
+                if x.shape[1] != dim:
+                    raise DataError(f"{WHAT}: a shard of dimension {x.shape[1]} after shards of dimension {dim}")
+                index.add(x)
+                ids.append(shard_ids)
+                sizes.append(len(x))
+                bar.update(len(x))
+        item_ids = _concat_ids(ids, sizes)
+        if len(item_ids) != count:
+            raise DataError(f"{WHAT}: the shards hold {len(item_ids)} vectors but {count} were announced")
+        out = cls(index, item_ids, factory=factory, metric=metric, normalize=normalize, encoder=encoder)
+        out.requested_factory = requested
+        return out
 
     # -- files --------------------------------------------------------------------------------
 
@@ -257,6 +383,8 @@ class FaissIndex:
             "normalize": self.normalize,
             "encoder": self._encoder,
             "count": self.ntotal,
+            **({"nprobe": int(ivf.nprobe)} if (ivf := faiss.try_extract_index_ivf(self._cpu_index)) is not None else {}),
+            **({"chosen_by": AUTO} if self.requested_factory == AUTO else {}),
             "files": {name: sha256_file(folder / name) for name in (INDEX_FILE, IDS_FILE)},
         }
         write_json_atomic(folder / MANIFEST, manifest)
@@ -657,3 +785,44 @@ def _temp_path(folder: Path, name: str) -> Path:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
+
+
+def _concat_ids(parts: list, sizes: list[int]) -> pa.Array:
+    """The shards' item ids as one Arrow array, each shard's count checked against its vectors."""
+    arrays = []
+    for ids, size in zip(parts, sizes):
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        ids = pa.array(ids) if not isinstance(ids, pa.Array) else ids
+        if len(ids) != size:
+            raise DataError(f"{WHAT}: {size} embeddings but {len(ids)} item ids")
+        if ids.null_count:
+            raise DataError(f"{WHAT}: {ids.null_count} item ids are null")
+        arrays.append(ids)
+    return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
+
+
+def _train(index: faiss.Index, shards, prepared, count: int, dim: int, factory: str, size: int, seed: int) -> None:
+    """Train ``index`` on ``size`` rows of the shards drawn with ``seed`` (all rows when ``size >= count``)."""
+    if size < count:
+        rows = np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
+    else:
+        rows = np.arange(count)
+    sample = np.empty((len(rows), dim), np.float32)
+    offset = filled = 0
+    for _, vectors in shards:
+        n = len(vectors)
+        lo, hi = np.searchsorted(rows, [offset, offset + n])
+        if hi > lo:
+            sample[filled:filled + hi - lo] = prepared(np.asarray(vectors)[rows[lo:hi] - offset])
+            filled += hi - lo
+        offset += n
+        if filled == len(rows):
+            break
+    try:
+        index.train(sample[:filled])
+    except RuntimeError as exc:
+        raise DataError(
+            f"{WHAT}: training {factory!r} on {filled} vectors failed ({_reason(exc)}); "
+            "use more vectors or fewer lists"
+        ) from exc
