@@ -656,8 +656,8 @@ class FaissIndex:
         if not self._ivf:
             return hnsw
         params = faiss.SearchParametersIVF()
-        if nprobe is not None:
-            params.nprobe = int(nprobe)
+        # unset, SearchParametersIVF would visit 1 list, not the nprobe stored in the index
+        params.nprobe = int(nprobe) if nprobe is not None else self.nprobe
         if hnsw is not None:
             params.quantizer_params = hnsw
             params._hnsw = hnsw  # keep the quantizer parameters alive as long as params
@@ -712,6 +712,12 @@ class FaissIndex:
     @property
     def ntotal(self) -> int:
         return int(self._cpu_index.ntotal)
+
+    @property
+    def nprobe(self) -> int | None:
+        """IVF lists a search visits when it does not say (stored in the index); ``None`` if not IVF."""
+        ivf = faiss.try_extract_index_ivf(self._cpu_index)
+        return None if ivf is None else int(ivf.nprobe)
 
     @property
     def metric(self) -> str:

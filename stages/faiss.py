@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,11 @@ import pyarrow.compute as pc
 
 import polars as pl
 
-from indexes.faiss_index import FaissIndex
+from indexes.faiss_index import AUTO, FaissIndex, auto_factory, build_memory
 from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file
-from pipeline.build import BuildContext, find_upstream, key_params
+from pipeline.build import BuildContext, check_fits, find_upstream, key_params, memory_postfix
 from pipeline.columns import ITEM_ID, QUERY_EMBEDDING, QUERY_ID, RANK, SCORE, SOURCE
-from pipeline.data import read_catalog, read_item_vectors
+from pipeline.data import ITEM_ID_ALIASES, open_dataset, read_item_vectors
 from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.schema import ANY, EMBEDDING
 from pipeline.stage import Pipeline, Stage, StageTags
@@ -48,7 +49,17 @@ class FaissRecall(Stage):
         on_short: ``"keep"`` or ``"error"`` when a query gets fewer than ``k`` hits.
         source: value of the ``source`` column.
         factory: FAISS index factory string used by ``funnel build`` (``"Flat"``, ``"HNSW32"``,
-            ``"IVF1024,Flat"``, ``"IVF256,PQ32"`` ...).
+            ``"IVF1024,Flat"``, ``"IVF256,PQ32"`` ...), or ``"auto"``, the choice for large
+            catalogs: chosen when the index is built from the item count
+            (:func:`indexes.faiss_index.auto_factory`): exact ``"Flat"`` below 200,000 items,
+            above ``"IVF{nlist},Flat"`` with ``nlist`` the power of two nearest ``4 * sqrt(n)``
+            (1M items -> 4096) searched with 16 lists unless ``nprobe`` says otherwise. The
+            index manifest records the factory and ``nprobe`` it chose (``"chosen_by": "auto"``).
+        build_chunk_rows: catalog rows ``funnel build`` encodes at a time; each chunk's
+            embeddings go to a shard file in a work folder beside the index
+            (``<index>.parts-<key>-c<rows>/``), so a build stopped at any point resumes after the
+            last complete shard, then the index is made from the shards one at a time. Lower it
+            when a build stops for memory; it does not change the index.
         metric: ``"ip"`` (cosine on normalised embeddings) or ``"l2"``, used by ``funnel build``.
         item_text: catalog columns joined (space-separated, nulls skipped) into the text that
             ``funnel build`` encodes for each item, with the pipeline's own encoder.
@@ -80,7 +91,7 @@ class FaissRecall(Stage):
     drops = (QUERY_EMBEDDING,)
     tags = StageTags(devices=("cpu", "cuda"), requires_build=True, level="query")
     path_params = ("index",)
-    same_results_params = ("search_storage",)
+    same_results_params = ("search_storage", "build_chunk_rows")
 
     def __init__(
         self,
@@ -98,6 +109,7 @@ class FaissRecall(Stage):
         search_backend: str = "auto",
         search_storage: str = "auto",
         vector_column: str | None = None,
+        build_chunk_rows: int = 65_536,
     ):
         self.index = index
         self.k = k
@@ -113,12 +125,17 @@ class FaissRecall(Stage):
         self.search_backend = search_backend
         self.search_storage = search_storage
         self.vector_column = vector_column
+        self.build_chunk_rows = build_chunk_rows
 
     def validate_params(self) -> None:
         super().validate_params()
         validate_search_params(self)
         if not _is_int(self.k) or self.k < 1:
             raise self._bad_param("k", "an int >= 1")
+        if not _is_int(self.build_chunk_rows) or self.build_chunk_rows < 1:
+            raise self._bad_param("build_chunk_rows", "an int >= 1")
+        if not isinstance(self.factory, str) or not self.factory:
+            raise self._bad_param("factory", "'auto' or a FAISS index factory string")
         if self.vector_column is not None and (not isinstance(self.vector_column, str) or not self.vector_column):
             raise self._bad_param("vector_column", "None or a catalog column name")
         for param in ("nprobe", "ef_search"):
@@ -174,19 +191,71 @@ class FaissRecall(Stage):
             return f"{self.name}: up to date ({folder})"
         if "embeddings" in ctx.config.data:
             ids, embeddings = _read_embeddings(source)
+            index = FaissIndex.build(embeddings, ids, factory=self.factory, metric=self.metric,
+                                     normalize=encoder.normalize, encoder=encoder.model)
         else:
-            catalog = read_catalog(source, list(self.item_text))
-            _check_text_columns(catalog, self.item_text, where=f"catalog file {source}", stage=self.name)
-            ctx.log(f"{self.name}: encoding {catalog.num_rows} catalog items ({', '.join(self.item_text)}) with "
-                    f"{encoder.model} for the index {folder} ...")
-            label = {"desc": f"{self.name} {'/'.join(folder.parts[-2:])}: encoding items"} \
-                if "desc" in inspect.signature(encoder.encode_texts).parameters else {}  # a plug-in encoder may lack it
-            ids, embeddings = catalog.column(ITEM_ID), encoder.encode_texts(
-                _item_texts(catalog, self.item_text), progress=ctx.progress, **label)
-        index = FaissIndex.build(embeddings, ids, factory=self.factory, metric=self.metric,
-                                 normalize=encoder.normalize, encoder=encoder.model)
+            index = self._build_from_catalog(encoder, source, folder, key, ctx)
         index.save(folder, extra={"build_key": key, "item_text": list(self.item_text), "source": str(source)})
-        return f"{self.name}: indexed {index.ntotal} items ({self.factory}, dim {index.dim}) in {folder}"
+        for work in folder.parent.glob(f"{folder.name}.parts-*"):
+            shutil.rmtree(work, ignore_errors=True)
+        return f"{self.name}: indexed {index.ntotal} items ({_described(index)}, dim {index.dim}) in {folder}"
+
+    def _build_from_catalog(self, encoder: Stage, source: Path, folder: Path, key: str,
+                            ctx: BuildContext) -> FaissIndex:
+        """Encode the catalog ``build_chunk_rows`` at a time into shard files, then index them.
+
+        Shards are Arrow IPC files (``item_id``, ``embedding``) written under a temporary name
+        and renamed, so one that is there is complete: a rerun after a stop skips them. The work
+        folder is named by the build key and the chunk size, so another catalog, encoder or
+        chunk size never reuses them; the caller removes it once the index is saved.
+        """
+        dataset = open_dataset(source)
+        names = dataset.schema.names
+        id_col = ITEM_ID if ITEM_ID in names else next((a for a in ITEM_ID_ALIASES if a in names), None)
+        missing = [c for c in (ITEM_ID, *self.item_text) if (id_col if c == ITEM_ID else c) not in names]
+        if id_col is None or missing:
+            raise DataError(f"catalog file {source} lacks column(s) {', '.join(missing)}; it has: {', '.join(names)}")
+        _check_text_columns(dataset.schema.empty_table(), self.item_text, where=f"catalog file {source}",
+                            stage=self.name)
+        ids = dataset.to_table(columns=[id_col]).column(id_col)
+        count = len(ids)
+        if count == 0:
+            raise DataError(f"catalog file {source} has no rows; a catalog needs at least one item")
+        if ids.null_count:
+            raise DataError(f"catalog file {source}: column {ITEM_ID} has {ids.null_count} null id(s)")
+        if (unique := len(pc.unique(ids))) != count:
+            raise DataError(f"catalog file {source}: column {ITEM_ID} has duplicate ids ({count - unique} repeats)")
+        del ids
+        chunk = int(self.build_chunk_rows)
+        factory = auto_factory(count)[0] if self.factory == AUTO else self.factory
+        dim = _encoder_dim(encoder)
+        estimate = build_memory(factory, count, dim, chunk, self.metric) + min(chunk, count) * _TEXT_BYTES
+        per_chunk = min(chunk, count) * (8 * dim + _TEXT_BYTES)  # a shard, its normalised copy, its text
+        param = "build_chunk_rows" if 2 * per_chunk > estimate else "factory"
+        check_fits(self.name, f"indexing {count} items x {dim} dimensions ({factory}, shards of {chunk} rows)",
+                   estimate, param, getattr(self, param))
+        work = folder.parent / f"{folder.name}.parts-{key[:12]}-c{chunk}"
+        work.mkdir(parents=True, exist_ok=True)
+        paths = [work / f"part-{i:05d}.arrow" for i in range((count + chunk - 1) // chunk)]
+        done = sum(p.exists() for p in paths)
+        ctx.log(f"{self.name}: encoding {count} catalog items ({', '.join(self.item_text)}) with {encoder.model} "
+                f"for the index {folder} ..." + (f" (resuming: {done} of {len(paths)} shards already encoded)"
+                                                 if done else ""))
+        from tqdm.auto import tqdm
+
+        desc = f"{self.name} {'/'.join(folder.parts[-2:])}: encoding items"
+        rows = 0
+        with tqdm(total=count, desc=desc, unit="item", disable=not ctx.progress) as bar:
+            for path, table in zip(paths, _chunks(dataset, [id_col, *self.item_text], chunk)):
+                if not path.exists():
+                    vectors = np.asarray(encoder.encode_texts(_item_texts(table, self.item_text)), np.float32)
+                    _write_shard(path, table.column(0), vectors)
+                rows += table.num_rows
+                bar.update(table.num_rows)
+                bar.set_postfix(memory_postfix(rows), refresh=False)
+        return FaissIndex.from_shards(_ShardFiles(paths), count=count, factory=self.factory, metric=self.metric,
+                                      normalize=encoder.normalize, encoder=encoder.model, progress=ctx.progress,
+                                      desc=f"{self.name} {'/'.join(folder.parts[-2:])}: indexing")
 
     def required_columns(self) -> pa.Schema:
         return pa.schema([pa.field(QUERY_ID, ANY), pa.field(self.embedding_column, EMBEDDING)])
@@ -322,6 +391,81 @@ def _check_text_columns(table: pa.Table, columns, *, where: str, stage: str) -> 
         if not ok(found):
             raise DataError(f"{where}: column '{column}' is {found}; stage '{stage}' needs text (UTF-8 strings), "
                             "numbers or lists of them in its item_text columns")
+
+
+#: bytes of catalog text per row held with a chunk (its strings, Arrow and Python)
+_TEXT_BYTES = 512
+
+
+def _described(index: FaissIndex) -> str:
+    """``"Flat"``, or ``"auto: IVF4096,Flat, nprobe 16"`` for a factory chosen by ``"auto"``."""
+    if index.requested_factory != AUTO:
+        return index.factory
+    return f"auto: {index.factory}" + (f", nprobe {index.nprobe}" if index.nprobe is not None else "")
+
+
+def _encoder_dim(encoder: Stage) -> int:
+    """The encoder's output dimension (``dim_`` once warm; else from one encoded text)."""
+    if hasattr(encoder, "warm_up") and not getattr(encoder, "is_warm", True):
+        encoder.warm_up()
+    dim = getattr(encoder, "dim_", None)
+    return int(dim) if dim else int(np.asarray(encoder.encode_texts(["item"])).shape[1])
+
+
+def _chunks(dataset, columns: list[str], rows: int):
+    """The dataset's ``columns`` as tables of exactly ``rows`` rows (the last one shorter), in
+    file order, the id column renamed ``item_id``; one chunk of text in memory at a time."""
+    pending: list[pa.RecordBatch] = []
+    held = 0
+    for batch in dataset.to_batches(columns=columns, batch_size=min(rows, 1 << 16)):
+        while batch.num_rows:
+            take = min(rows - held, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            held += take
+            batch = batch.slice(take)
+            if held == rows:
+                yield _renamed(pa.Table.from_batches(pending))
+                pending, held = [], 0
+    if held:
+        yield _renamed(pa.Table.from_batches(pending))
+
+
+def _renamed(table: pa.Table) -> pa.Table:
+    return table.rename_columns([ITEM_ID, *table.column_names[1:]])
+
+
+def _write_shard(path: Path, ids: pa.ChunkedArray, vectors: np.ndarray) -> None:
+    """One shard: Arrow IPC with ``item_id`` and ``embedding`` (fixed-size list of float32),
+    written to a temporary name and renamed, so a shard file that exists is complete."""
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
+    table = pa.table({ITEM_ID: ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids,
+                      "embedding": embedding})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _ShardFiles:
+    """The ``(item ids, vectors)`` of shard files, read one at a time each time it is iterated."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __iter__(self):
+        for path in self.paths:
+            try:
+                with pa.memory_map(str(path)) as source:
+                    table = pa.ipc.open_file(source).read_all()
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise ArtifactError(f"embedding shard {path} cannot be read ({exc}); delete it and rerun "
+                                    "`funnel build` to encode its rows again") from exc
+            emb = table.column("embedding").combine_chunks()
+            yield table.column(ITEM_ID).combine_chunks(), \
+                emb.values.to_numpy(zero_copy_only=False).reshape(len(emb), emb.type.list_size)
 
 
 def _item_texts(catalog: pa.Table, columns) -> list[str]:
