@@ -268,7 +268,7 @@ class FaissIndex:
         item_ids = pa.array(item_ids) if not isinstance(item_ids, pa.Array) else item_ids
         if len(item_ids) != len(x):
             raise DataError(f"{WHAT}: {len(x)} embeddings but {len(item_ids)} item ids")
-        return cls.from_shards([(item_ids, x)], count=len(x), factory=factory, metric=metric, normalize=normalize,
+        return cls.from_shards([(item_ids, x)], count=len(x), dim=x.shape[1], factory=factory, metric=metric, normalize=normalize,
                                encoder=encoder, train_size=len(x) if train_size is None else train_size, seed=seed)
 
     @classmethod
@@ -277,6 +277,7 @@ class FaissIndex:
         shards: Iterable[tuple[pa.Array, np.ndarray]],
         *,
         count: int | None = None,
+        dim: int | None = None,
         factory: str = "Flat",
         metric: str = "ip",
         normalize: bool = True,
@@ -291,8 +292,9 @@ class FaissIndex:
 
         ``shards`` is a sequence, or any iterable that gives the same shards each time it is
         iterated (one that reads shard files, say): it is iterated once to add the vectors, once
-        more for a training sample when the factory needs training, and once to count the rows
-        when ``count`` is not given. Each shard is normalised in a copy (when ``normalize``) and
+        more for a training sample when the factory needs training, once to count the rows
+        when ``count`` is not given, and its first shard is read for the dimension when ``dim``
+        is not given. Each shard is normalised in a copy (when ``normalize``) and
         added; the ids are concatenated as Arrow. The index equals :meth:`build`'s on the
         concatenated shards (bit for bit for Flat; for trained factories too when ``train_size``
         and ``seed`` are the same).
@@ -326,8 +328,7 @@ class FaissIndex:
             item_ids = _concat_ids([ids for ids, _ in parts], [len(v) for _, v in parts])
             index = _build_cagra(np.concatenate([v for _, v in parts]), factory, metric)
             return cls(index, item_ids, factory=factory, metric=metric, normalize=normalize, encoder=encoder)
-        dim = None
-        for _, vectors in shards:
+        for _, vectors in shards if dim is None else ():
             dim = _as_matrix(vectors, "embeddings").shape[1]
             break
         if dim is None:

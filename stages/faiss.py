@@ -253,7 +253,7 @@ class FaissRecall(Stage):
                 rows += table.num_rows
                 bar.update(table.num_rows)
                 bar.set_postfix(memory_postfix(rows), refresh=False)
-        return FaissIndex.from_shards(_ShardFiles(paths), count=count, factory=self.factory, metric=self.metric,
+        return FaissIndex.from_shards(_ShardFiles(paths), count=count, dim=dim, factory=self.factory, metric=self.metric,
                                       normalize=encoder.normalize, encoder=encoder.model, progress=ctx.progress,
                                       desc=f"{self.name} {'/'.join(folder.parts[-2:])}: indexing")
 

@@ -200,3 +200,73 @@ def test_to_gpu_matches_cpu(data, ids):
     gpu_scores, gpu_positions = gpu.search(q, 10, nprobe=16)
     np.testing.assert_array_equal(cpu_positions, gpu_positions)
     np.testing.assert_allclose(cpu_scores, gpu_scores, rtol=1e-4, atol=1e-5)
+
+
+# -- building from shards, factory "auto" (issue 20) ------------------------------------------
+
+class Shards:
+    """Shards read again on every iteration (as from files), counting the passes."""
+
+    def __init__(self, x, ids, rows):
+        self.parts = [(ids.slice(i, rows), x[i:i + rows].copy()) for i in range(0, len(x), rows)]
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return ((ids, v.copy()) for ids, v in self.parts)
+
+
+def test_from_shards_equals_build_for_flat(data, ids):
+    x, q = data
+    one = FaissIndex.build(x, ids, factory="Flat")
+    shards = Shards(x, ids, 300)
+    sharded = FaissIndex.from_shards(shards, count=N, dim=D, factory="Flat")
+    assert shards.passes == 1 and sharded.ids.equals(one.ids)
+    np.testing.assert_array_equal(sharded.vectors(np.arange(N)), one.vectors(np.arange(N)))
+    for a, b in zip(sharded.search(q, 10), one.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_from_shards_trains_on_the_same_sample_as_build(data, ids):
+    x, q = data
+    one = FaissIndex.build(x, ids, factory="IVF16,Flat", train_size=700, seed=3)
+    shards = Shards(x, ids, 300)
+    sharded = FaissIndex.from_shards(shards, count=N, dim=D, factory="IVF16,Flat", train_size=700, seed=3)
+    assert shards.passes == 2                                            # a sample pass, an add pass
+    for a, b in zip(sharded.search(q, 10, nprobe=4), one.search(q, 10, nprobe=4)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(DataError, match="300 embeddings but 299 item ids"):
+        FaissIndex.from_shards([(ids.slice(0, 299), x[:300])], count=300)
+
+
+def test_auto_factory_follows_the_item_count():
+    from indexes.faiss_index import auto_factory, build_memory, train_rows
+
+    assert auto_factory(199_999) == ("Flat", None)
+    assert auto_factory(200_000) == ("IVF2048,Flat", 16)
+    assert auto_factory(1_000_000) == ("IVF4096,Flat", 16)
+    assert auto_factory(10_000_000) == ("IVF16384,Flat", 16)
+    assert train_rows("Flat", 10**6, 384) == 0 and train_rows("auto", 10**6, 384) == 64 * 4096
+    assert train_rows("IVF16,Flat", 2000) == 2000                       # capped by the items
+    flat = build_memory("Flat", 10**6, 384, 65_536)
+    assert flat == 4 * 384 * (10**6 + 2 * 65_536)
+    assert build_memory("auto", 10**6, 384, 65_536) == 4 * 384 * (10**6 + 64 * 4096 + 2 * 65_536) + 8 * 10**6
+    assert build_memory("HNSW16", 10**6, 384, 65_536) == flat + 8 * 16 * 10**6
+
+
+def test_auto_index_records_its_factory_and_nprobe(data, ids, tmp_path, monkeypatch):
+    from indexes import faiss_index
+
+    x, q = data
+    assert FaissIndex.build(x, ids, factory="auto").factory == "Flat"
+    monkeypatch.setattr(faiss_index, "AUTO_FLAT_BELOW", 1000)           # 2,000 items count as large
+    index = FaissIndex.from_shards(Shards(x, ids, 500), count=N, factory="auto")
+    assert index.factory == "IVF128,Flat" and index.nprobe == 16
+    index.save(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert (manifest["factory"], manifest["nprobe"], manifest["chosen_by"]) == ("IVF128,Flat", 16, "auto")
+    loaded = FaissIndex.load(tmp_path)
+    assert loaded.nprobe == 16
+    for a, b in zip(loaded.search(q, 10), loaded.search(q, 10, nprobe=16)):   # the stored nprobe is used
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(loaded.search(q, 10)[1], loaded.search(q, 10, nprobe=1)[1])
