@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -193,16 +194,18 @@ class FaissRecall(Stage):
             ids, embeddings = _read_embeddings(source)
             index = FaissIndex.build(embeddings, ids, factory=self.factory, metric=self.metric,
                                      normalize=encoder.normalize, encoder=encoder.model)
+            encoded = ""
         else:
-            index = self._build_from_catalog(encoder, source, folder, key, ctx)
+            index, encoded = self._build_from_catalog(encoder, source, folder, key, ctx)
         index.save(folder, extra={"build_key": key, "item_text": list(self.item_text), "source": str(source)})
         for work in folder.parent.glob(f"{folder.name}.parts-*"):
             shutil.rmtree(work, ignore_errors=True)
-        return f"{self.name}: indexed {index.ntotal} items ({_described(index)}, dim {index.dim}) in {folder}"
+        return f"{self.name}: indexed {index.ntotal} items ({_described(index)}, dim {index.dim}{encoded}) in {folder}"
 
     def _build_from_catalog(self, encoder: Stage, source: Path, folder: Path, key: str,
-                            ctx: BuildContext) -> FaissIndex:
-        """Encode the catalog ``build_chunk_rows`` at a time into shard files, then index them.
+                            ctx: BuildContext) -> tuple[FaissIndex, str]:
+        """Encode the catalog ``build_chunk_rows`` at a time into shard files, then index them;
+        return the index and ``"; encoded N items in S s (R items/s)"`` for the build's line.
 
         Shards are Arrow IPC files (``item_id``, ``embedding``) written under a temporary name
         and renamed, so one that is there is complete: a rerun after a stop skips them. The work
@@ -244,18 +247,24 @@ class FaissRecall(Stage):
         from tqdm.auto import tqdm
 
         desc = f"{self.name} {'/'.join(folder.parts[-2:])}: encoding items"
-        rows = 0
+        rows = encoded = 0
+        seconds = 0.0
         with tqdm(total=count, desc=desc, unit="item", disable=not ctx.progress) as bar:
             for path, table in zip(paths, _chunks(dataset, [id_col, *self.item_text], chunk)):
                 if not path.exists():
+                    start = time.perf_counter()
                     vectors = np.asarray(encoder.encode_texts(_item_texts(table, self.item_text)), np.float32)
+                    seconds += time.perf_counter() - start
+                    encoded += table.num_rows
                     _write_shard(path, table.column(0), vectors)
                 rows += table.num_rows
                 bar.update(table.num_rows)
                 bar.set_postfix(memory_postfix(rows), refresh=False)
-        return FaissIndex.from_shards(_ShardFiles(paths), count=count, dim=dim, factory=self.factory, metric=self.metric,
-                                      normalize=encoder.normalize, encoder=encoder.model, progress=ctx.progress,
-                                      desc=f"{self.name} {'/'.join(folder.parts[-2:])}: indexing")
+        index = FaissIndex.from_shards(_ShardFiles(paths), count=count, dim=dim, factory=self.factory,
+                                       metric=self.metric, normalize=encoder.normalize, encoder=encoder.model,
+                                       progress=ctx.progress, desc=f"{self.name} {'/'.join(folder.parts[-2:])}: indexing")
+        rate = f" ({encoded / seconds:.0f} items/s)" if seconds > 0 else ""
+        return index, f"; encoded {encoded} items in {seconds:.1f} s{rate}"
 
     def required_columns(self) -> pa.Schema:
         return pa.schema([pa.field(QUERY_ID, ANY), pa.field(self.embedding_column, EMBEDDING)])

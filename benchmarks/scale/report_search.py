@@ -18,6 +18,7 @@ on two CPU cores, so a million products is hours there and minutes on a GPU.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,9 @@ def measure(products: int, workdir: Path, run_queries: int, source: Path | None)
     build = timed(["funnel", "build", "search.toml", "--force", "--quiet"], folder, folder / "build.log")
     manifest = folder / "artifacts" / "v1" / "index" / "manifest.json"
     index = json.loads(manifest.read_text()) if manifest.exists() else {}
+    encoded = re.search(r"encoded (\d+) items in ([\d.]+) s", (folder / "build.log").read_text())
+    encode = {"items": int(encoded.group(1)), "seconds": float(encoded.group(2)),
+              "items_per_s": round(int(encoded.group(1)) / max(float(encoded.group(2)), 1e-9), 1)} if encoded else {}
     run = {"seconds": None, "peak_gb": None, "exit": None, "queries": 0}
     if run_queries and build["exit"] == 0:
         queries = folder / f"queries-{run_queries}.parquet"
@@ -49,7 +53,7 @@ def measure(products: int, workdir: Path, run_queries: int, source: Path | None)
                      "--quiet"], folder, folder / "run.log")
         run["queries"] = pq.read_metadata(queries).num_rows
     return {"products": products, "build": {**build, "products_per_s": round(products / build["seconds"], 1)},
-            "index": {k: index.get(k) for k in ("factory", "nprobe", "chosen_by", "count", "dim")},
+            "encode": encode, "index": {k: index.get(k) for k in ("factory", "nprobe", "chosen_by", "count", "dim")},
             "run": {**run, "queries_per_s": round(run["queries"] / run["seconds"], 1) if run["seconds"] else None}}
 
 
@@ -59,13 +63,15 @@ def write_report(out: Path, report: dict) -> None:
     lines = ["# Scale report: search recipe (benchmarks/scale/search.toml)", "",
              f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb')} GB; {m.get('date')}. "
              f"{report.get('note', '')}", "",
-             "| products | dense index | build | products/s | build peak | run queries | run | run peak |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| products | dense index | build | products/s | of which encoding | build peak | run queries | run | run peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, u, i = r["build"], r["run"], r["index"]
         nprobe = f", nprobe {i['nprobe']}" if i.get("nprobe") else ""
+        e = r.get("encode") or {}
+        encoding = f"{e['seconds']} s ({e['items_per_s']} items/s)" if e else "-"
         lines.append(f"| {r['products']:,} | {i.get('factory')}{nprobe} | {b['seconds']} s | {b['products_per_s']} | "
-                     f"{b['peak_gb']} GB | {u['queries']} | {u['seconds']} s ({u['queries_per_s']} q/s) | "
+                     f"{encoding} | {b['peak_gb']} GB | {u['queries']} | {u['seconds']} s ({u['queries_per_s']} q/s) | "
                      f"{u['peak_gb']} GB |")
     (out / "report-search.md").write_text("\n".join(lines) + "\n")
     (out / "report-search.json").write_text(json.dumps(report, indent=2) + "\n")

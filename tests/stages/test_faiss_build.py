@@ -123,7 +123,7 @@ def test_sharded_build_equals_the_one_shot_build(sharded, tmp_path):
     import numpy as np
 
     root, logs = sharded
-    assert "indexed 300 items (Flat, dim 384)" in logs[-1]
+    assert "indexed 300 items (Flat, dim 384; encoded 300 items in " in logs[-1]
     assert not list((root / "artifacts").glob("index.parts-*"))           # the work folder is removed
     manifest = json.loads((root / "artifacts" / "index" / "manifest.json").read_text())
     assert manifest["factory"] == "Flat" and "nprobe" not in manifest
