@@ -68,7 +68,7 @@ WORDS = ("cordless drill garden hose led bulb paint roller white steel oak brass
          "wall tile copper pipe vinyl plank door knob").split()
 
 
-def _catalog(root, n=300, seed=0):
+def _catalog(root, n=300, seed=0, **params):
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -78,7 +78,7 @@ def _catalog(root, n=300, seed=0):
     cfg = PipelineConfig(
         stages=[{"type": "encode.sentence_transformers", "params": {}},
                 {"type": "recall.faiss", "params": {"index": "artifacts/index", "k": 5, "item_text": ["title"],
-                                                    "build_chunk_rows": 80}}],
+                                                    "build_chunk_rows": 80, **params}}],
         data={"catalog": "catalog.parquet"})
     cfg.save(root / "p.toml")
     return root / "p.toml"
@@ -195,3 +195,21 @@ def test_build_chunk_rows_is_checked_and_leaves_downstream_keys_alone():
     with pytest.raises(ConfigError, match="build_chunk_rows"):
         FaissRecall(build_chunk_rows=0).validate_params()
     assert "build_chunk_rows" not in key_params(FaissRecall(build_chunk_rows=10))
+
+
+def test_a_trained_factory_is_trained_from_the_shard_files(sharded, tmp_path):
+    import json
+
+    import numpy as np
+
+    from indexes import FaissIndex
+
+    config = _catalog(tmp_path, factory="IVF4,Flat")
+    build_artifacts(load_config(config), progress=False, log=lambda m: None)
+    index = FaissIndex.load(tmp_path / "artifacts" / "index")
+    assert json.loads((tmp_path / "artifacts" / "index" / "manifest.json").read_text())["factory"] == "IVF4,Flat"
+    ids, vectors = _index(sharded[0])                                    # the same texts in the same chunks
+    one = FaissIndex.build(vectors, pa.array(ids, pa.int64()), factory="IVF4,Flat")
+    (scores, positions), (one_scores, one_positions) = (x.search(vectors[:20], 5, nprobe=2) for x in (index, one))
+    np.testing.assert_array_equal(positions, one_positions)
+    np.testing.assert_allclose(scores, one_scores, atol=1e-6)          # read back after a second normalisation
