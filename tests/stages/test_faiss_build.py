@@ -179,6 +179,7 @@ def test_an_index_that_will_not_fit_stops_before_encoding(tmp_path, monkeypatch)
     assert result.exit_code == 2, result.output
     (line,) = [x for x in result.output.splitlines() if x.startswith("funnel: error:")]
     assert "stage 'recall.faiss': indexing 300 items x 384 dimensions (Flat, shards of 80 rows)" in line
+    assert "would hold about 730.0 KB in memory" in line                # 300 x 384 x 4 B + two shards + text
     assert "lower 'factory' (now 'Flat')" in line and f"is left under {MEMORY_ENV}=1MB" in line
     assert calls == [] and not list((tmp_path / "artifacts").glob("index*"))
 
