@@ -103,7 +103,7 @@ def auto_factory(count: int) -> tuple[str, int | None]:
     return f"IVF{nlist},Flat", AUTO_NPROBE
 
 
-def train_rows(factory: str, count: int, dim: int = 8, metric: str = "ip") -> int:
+def train_rows(factory: str, count: int, dim: int, metric: str = "ip") -> int:
     """Vectors a build from shards trains ``factory`` on: 0 when it needs no training, else
     ``max(TRAIN_PER_LIST * nlist, MIN_TRAIN_ROWS)`` capped by ``count``."""
     if factory == AUTO:

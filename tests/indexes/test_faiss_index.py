@@ -247,7 +247,7 @@ def test_auto_factory_follows_the_item_count():
     assert auto_factory(1_000_000) == ("IVF4096,Flat", 16)
     assert auto_factory(10_000_000) == ("IVF16384,Flat", 16)
     assert train_rows("Flat", 10**6, 384) == 0 and train_rows("auto", 10**6, 384) == 64 * 4096
-    assert train_rows("IVF16,Flat", 2000) == 2000                       # capped by the items
+    assert train_rows("IVF16,Flat", 2000, 32) == 2000                       # capped by the items
     flat = build_memory("Flat", 10**6, 384, 65_536)
     assert flat == 4 * 384 * (10**6 + 2 * 65_536)
     assert build_memory("auto", 10**6, 384, 65_536) == 4 * 384 * (10**6 + 64 * 4096 + 2 * 65_536) + 8 * 10**6
