@@ -9,7 +9,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from pipeline.errors import ArtifactError, ConfigError, DataError, DeviceError
 
