@@ -210,7 +210,9 @@ class FaissRecall(Stage):
         Shards are Arrow IPC files (``item_id``, ``embedding``) written under a temporary name
         and renamed, so one that is there is complete: a rerun after a stop skips them. The work
         folder is named by the build key and the chunk size, so another catalog, encoder or
-        chunk size never reuses them; the caller removes it once the index is saved.
+        chunk size never reuses them; the caller removes it once the index is saved. ``--force``
+        rebuilds the index but still resumes from such shards (they hold what the same key
+        encodes); delete the folder to encode them again.
         """
         dataset = _open_catalog(source)
         names = dataset.schema.names
