@@ -23,15 +23,15 @@ __all__ = ["read_parquet", "read_catalog", "read_judgments", "holdout_mask", "op
 ITEM_ID_ALIASES = ("product_id",)
 
 
-def open_dataset(path: str | Path) -> ds.Dataset:
-    """A Parquet file or a folder of Parquet shards, opened lazily."""
+def open_dataset(path: str | Path, *, what: str = "input") -> ds.Dataset:
+    """A Parquet file or a folder of Parquet shards, opened lazily; ``what`` names it in errors."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"input {path} does not exist")
+        raise DataError(f"{what} {path} does not exist")
     try:
         return ds.dataset(path, format="parquet")
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"input {path} is not readable as Parquet: {exc}") from exc
+        raise DataError(f"{what} {path} is not readable as Parquet: {exc}") from exc
 
 
 def read_parquet(path: str | Path, *, what: str, columns: list[str] | None = None) -> pa.Table:

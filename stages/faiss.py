@@ -17,7 +17,7 @@ from indexes.faiss_index import AUTO, FaissIndex, auto_factory, build_memory
 from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file
 from pipeline.build import BuildContext, check_fits, find_upstream, key_params, memory_postfix
 from pipeline.columns import ITEM_ID, QUERY_EMBEDDING, QUERY_ID, RANK, SCORE, SOURCE
-from pipeline.data import ITEM_ID_ALIASES, read_item_vectors
+from pipeline.data import ITEM_ID_ALIASES, open_dataset, read_item_vectors
 from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.schema import ANY, EMBEDDING
 from pipeline.stage import Pipeline, Stage, StageTags
@@ -214,7 +214,7 @@ class FaissRecall(Stage):
         rebuilds the index but still resumes from such shards (they hold what the same key
         encodes); delete the folder to encode them again.
         """
-        dataset = _open_catalog(source)
+        dataset = open_dataset(source, what="catalog file")
         names = dataset.schema.names
         id_col = ITEM_ID if ITEM_ID in names else next((a for a in ITEM_ID_ALIASES if a in names), None)
         missing = [c for c in (ITEM_ID, *self.item_text) if (id_col if c == ITEM_ID else c) not in names]
@@ -421,18 +421,6 @@ def _encoder_dim(encoder: Stage) -> int:
         encoder.warm_up()
     dim = getattr(encoder, "dim_", None)
     return int(dim) if dim else int(np.asarray(encoder.encode_texts(["item"])).shape[1])
-
-
-def _open_catalog(path: Path):
-    """The catalog file (or folder of Parquet files), opened lazily, with errors naming it."""
-    import pyarrow.dataset as ds
-
-    if not path.exists():
-        raise DataError(f"catalog file {path} does not exist")
-    try:
-        return ds.dataset(path, format="parquet")
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"catalog file {path} is not readable as Parquet: {exc}") from exc
 
 
 def _chunks(dataset, columns: list[str], rows: int):
