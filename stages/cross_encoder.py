@@ -34,6 +34,9 @@ PREV_SCORE = f"{FEATURE_PREFIX}prev_score"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: Upstream queries run at once while collecting training pairs
 TRAIN_BATCH = 256
+#: Part of the model's build key: 2 since bi-encoder bases get a mean-pooled head (version 1 put
+#: a head on [CLS], which never learned), so a model folder built by version 1 is rebuilt
+TRAINER_VERSION = 2
 
 
 def cpu_has_bf16() -> bool:
@@ -239,7 +242,8 @@ class CrossEncoderReranker(Stage):
         folder = self.resolve_path(self.model)
         judgments_path = ctx.data_path("judgments")
         base_path, _ = resolve_model(self.base_model)
-        key = build_key(stage=self.name, params=self._train_params(), judgments=sha256_file(judgments_path),
+        key = build_key(stage=self.name, trainer=TRAINER_VERSION, params=self._train_params(),
+                        judgments=sha256_file(judgments_path),
                         upstream=upstream_key(upstream))
         if not ctx.force and (folder / "manifest.json").exists() and \
                 read_manifest(folder, what=f"stage '{self.name}' model").get("build_key") == key:
