@@ -82,26 +82,33 @@ def write_report(out: Path, report: dict) -> None:
                   + (f"{r['peak_gb']} GB |" if r.get("peak_gb") is not None else "- |") for r in report["steps"]]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    users = [r["users"] for r in rows]
+    run_all = [(r["run"]["seconds"] or 0) / 60 * r["users"] / r["run"]["users"] for r in rows]
+    plot_time_memory(out / "scale.png", users, "users", rows,
+                     ("funnel run, all users (extrapolated from the users run)", run_all))
+
+
+def plot_time_memory(path: Path, xs: list[int], xlabel: str, rows: list[dict],
+                     run_time: tuple[str, list[float]] | None = None) -> None:
+    """Two panels against ``xs`` (log scale): build (and ``run_time``) minutes, build and run peak GB."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    users = [r["users"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(users, [r["build"]["seconds"] / 60 for r in rows], "o-", label="funnel build")
-    left.plot(users, [(r["run"]["seconds"] or 0) / 60 * r["users"] / r["run"]["users"] for r in rows], "s-",
-              label="funnel run, all users (extrapolated from the users run)")
-    left.set(xscale="log", xlabel="users", ylabel="minutes", title="time")
-    right.plot(users, [r["build"]["peak_gb"] for r in rows], "o-", label="funnel build")
-    right.plot(users, [r["run"]["peak_gb"] or 0 for r in rows], "s-", label="funnel run")
-    right.set(xscale="log", xlabel="users", ylabel="peak resident memory (GB)", title="memory")
+    left.plot(xs, [r["build"]["seconds"] / 60 for r in rows], "o-", label="funnel build")
+    if run_time is not None:
+        left.plot(xs, run_time[1], "s-", label=run_time[0])
+    left.set(xscale="log", xlabel=xlabel, ylabel="minutes", title="time")
+    right.plot(xs, [r["build"]["peak_gb"] for r in rows], "o-", label="funnel build")
+    right.plot(xs, [r["run"]["peak_gb"] or 0 for r in rows], "s-", label="funnel run")
+    right.set(xscale="log", xlabel=xlabel, ylabel="peak resident memory (GB)", title="memory")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "scale.png", dpi=90)
-
+    fig.savefig(path, dpi=90)
 
 @click.command()
 @click.option("--size", "sizes", multiple=True, default=DEFAULT_SIZES, show_default=True, help="users:items, repeatable.")

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import timed  # noqa: E402  (the same child-process timer as the recommendation report)
+from report import plot_time_memory, timed  # noqa: E402  (the recommendation report's timer and plot)
 
 
 def measure(products: int, workdir: Path, run_queries: int, source: Path | None) -> dict:
@@ -75,24 +75,7 @@ def write_report(out: Path, report: dict) -> None:
                      f"{u['peak_gb']} GB |")
     (out / "report-search.md").write_text("\n".join(lines) + "\n")
     (out / "report-search.json").write_text(json.dumps(report, indent=2) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    products = [r["products"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(products, [r["build"]["seconds"] / 60 for r in rows], "o-", label="funnel build")
-    left.set(xscale="log", xlabel="products", ylabel="minutes", title="build time")
-    right.plot(products, [r["build"]["peak_gb"] for r in rows], "o-", label="funnel build")
-    right.plot(products, [r["run"]["peak_gb"] or 0 for r in rows], "s-", label="funnel run")
-    right.set(xscale="log", xlabel="products", ylabel="peak resident memory (GB)", title="memory")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "search.png", dpi=90)
-
+    plot_time_memory(out / "search.png", [r["products"] for r in rows], "products", rows)
 
 @click.command()
 @click.option("--products", "sizes", type=click.IntRange(min=1), multiple=True, default=(5000,), show_default=True,
