@@ -9,18 +9,22 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
-from pipeline.build import BuildContext
+from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file, verify_files, write_json_atomic
+from pipeline.build import BuildContext, check_fits
 from pipeline.columns import HISTORY, ITEM_ID, QUERY_ID, RANK, SCORE
+from pipeline.errors import ArtifactError, DataError
 from pipeline.schema import ANY, keep_input_types
 from pipeline.stage import Pipeline, Stage, StageTags
 
-from .association import AssociationIndex, _is_int, _is_number, history_weights, lookup_positions
+from .association import (AssociationIndex, _is_int, _is_number, association_memory, history_weights,
+                          lookup_positions)
 from .features import feature_column
 
 __all__ = ["HistoryFilter", "HistoryFeatures", "HISTORY_FEATURES", "DEFAULT_HISTORY_FEATURES", "next_item_training",
-           "history_similarities", "query_histories"]
+           "next_item_views", "history_similarities", "query_histories", "item_groups"]
 
 
 class HistoryFilter(Stage):
@@ -92,33 +96,67 @@ HISTORY_FEATURES: dict[str, HistoryFeature] = {
     "pop_count": HistoryFeature("popularity", "log(1 + interactions) of the candidate in the logs"),
     "pop_recent": HistoryFeature("popularity", "recency-weighted interactions of the candidate (see recall.popularity)"),
     "history_len": HistoryFeature("", "number of items in the user's history"),
+    "next_last": HistoryFeature("transitions", "times the candidate came right after the last history item in the logs"),
+    "next_last_share": HistoryFeature("transitions",
+                                      "next_last over all interactions with the last history item: P(next | last)"),
+    "next_prev": HistoryFeature("transitions", "times the candidate came right after the second-to-last history item"),
+    "group_share": HistoryFeature("groups", "share of the history in the candidate's group (its brand, say)"),
+    "group_last": HistoryFeature("groups", "1 when the candidate is in the last history item's group, else 0"),
 }
-DEFAULT_HISTORY_FEATURES = tuple(HISTORY_FEATURES)
-_ARTIFACT_PARAMS = ("association", "content", "popularity")
+#: The features of the three artifacts every recommendation pipeline here has (what
+#: ``features = None`` gives when ``transitions`` and ``groups`` are not set).
+DEFAULT_HISTORY_FEATURES = tuple(f for f, spec in HISTORY_FEATURES.items()
+                                 if spec.needs in ("association", "content", "popularity", ""))
+_ARTIFACT_PARAMS = ("association", "content", "popularity", "transitions", "groups")
+#: Next items kept per item in the ``transitions`` artifact (the largest counts)
+TRANSITIONS_TOP_M = 1000
+GROUPS_FILE = "groups.parquet"
+GROUP = "group"
 
 
 class HistoryFeatures(Stage):
     """Add ``f_<name>`` float32 ranking features that relate each candidate to the user's history.
 
     ``features`` picks from :data:`HISTORY_FEATURES` (each entry's ``doc`` says what it
-    measures): association scores between the history items and the candidate (from the
-    ``association`` index, with the position of the best-matching history item), content
-    similarity of title embeddings to the last and to all history items (from the ``content``
-    FAISS index folder), the candidate's popularity (from the ``popularity`` table) and the
-    history length (``features.vectors`` adds the same similarities for any other item-vector
-    source, image embeddings included). Each feature reads the artifact it names, built by the
-    recall stage of the same name; an artifact parameter may be ``None`` when no chosen feature needs it.
-    ``copy_columns`` are passed to the ranker as ``f_<column>`` too — typically the fused
-    ``score``/``rank`` and each source's ``score_<name>``/``rank_<name>`` (nulls stay
-    missing values, which LightGBM handles).
+    measures); ``None`` (the default) takes every feature whose artifact is set. They are:
+    association scores between the history items and the candidate (from the ``association``
+    index, with the position of the best-matching history item), content similarity of title
+    embeddings to the last and to all history items (from the ``content`` FAISS index folder),
+    the candidate's popularity (from the ``popularity`` table), the history length, and two
+    optional families:
+
+    * ``transitions`` — raw next-item counts: how often the candidate came *right after* the
+      user's last (``next_last``) and second-to-last (``next_prev``) item in the logs, and
+      ``next_last_share``, that count over the last item's interactions (an estimate of
+      P(next = candidate | last item)). The association index blends pairs up to ``window``
+      steps apart in both directions with popularity discounts; these plain counts tell the
+      ranker how much of that is the immediate next step.
+    * ``groups`` — the candidate's group (a brand, a category: the catalog's ``group_column``,
+      or its first ``group_words`` words, e.g. a title's first word as a brand) against the
+      history: ``group_share`` is the share of the history in that group, ``group_last`` whether
+      it is the last item's. People who buy a brand tend to buy it again.
+
+    ``features.vectors`` adds the same similarities for any other item-vector source, image
+    embeddings included. ``association``, ``content`` and ``popularity`` are read from the
+    artifacts of the recall stages of the same name; ``transitions`` and ``groups`` are built by
+    this stage's own ``funnel build`` (from ``[data] logs`` and ``[data] catalog``; skipped when
+    those and the settings are unchanged). An artifact parameter may be ``None`` when no chosen
+    feature needs it. ``copy_columns`` are passed to the ranker as ``f_<column>`` too —
+    typically the fused ``score``/``rank`` and each source's ``score_<name>``/``rank_<name>``
+    (nulls stay missing values, which LightGBM handles).
 
     Args:
         association: association index folder (``recall.association``).
         content: FAISS index folder of item embeddings (``recall.user_vector``).
         popularity: popularity folder (``recall.popularity``).
+        transitions: folder of next-item counts this stage builds from ``[data] logs``; ``None``: off.
+        groups: folder of item groups this stage builds from ``[data] catalog``; ``None``: off.
+        group_column: catalog column that holds each item's group.
+        group_words: 0 to use the column's value as it is; ``n > 0`` to use its first ``n``
+            words, lowercased (a brand from a title that starts with it).
         history_column: list column of item ids, oldest first.
         recency: history weight ratio used by ``assoc_sum`` and ``sim_mean``, in (0, 1].
-        features: names from :data:`HISTORY_FEATURES`.
+        features: names from :data:`HISTORY_FEATURES`, or ``None`` for all that the set artifacts give.
         copy_columns: numeric columns copied as ``f_<column>``.
     """
 
@@ -128,33 +166,51 @@ class HistoryFeatures(Stage):
     path_params = _ARTIFACT_PARAMS
 
     def __init__(self, association: str | None = "artifacts/association", content: str | None = "artifacts/content",
-                 popularity: str | None = "artifacts/popularity", history_column: str = HISTORY, recency: float = 0.6,
-                 features: list[str] | tuple[str, ...] = DEFAULT_HISTORY_FEATURES,
+                 popularity: str | None = "artifacts/popularity", transitions: str | None = None,
+                 groups: str | None = None, group_column: str = "brand", group_words: int = 0,
+                 history_column: str = HISTORY, recency: float = 0.6,
+                 features: list[str] | tuple[str, ...] | None = None,
                  copy_columns: list[str] | tuple[str, ...] = (SCORE, RANK)):
         self.association = association
         self.content = content
         self.popularity = popularity
+        self.transitions = transitions
+        self.groups = groups
+        self.group_column = group_column
+        self.group_words = group_words
         self.history_column = history_column
         self.recency = recency
         self.features = features
         self.copy_columns = copy_columns
 
+    def _features(self) -> list[str]:
+        """The chosen feature names: ``features``, or every feature whose artifact is set."""
+        if self.features is not None:
+            return list(self.features)
+        return [f for f, spec in HISTORY_FEATURES.items() if not spec.needs or getattr(self, spec.needs)]
+
     def _needs(self) -> set[str]:
-        return {HISTORY_FEATURES[f].needs for f in self.features if f in HISTORY_FEATURES} - {""}
+        return {HISTORY_FEATURES[f].needs for f in self._features() if f in HISTORY_FEATURES} - {""}
 
     def validate_params(self) -> None:
         super().validate_params()
-        unknown = [f for f in self.features if f not in HISTORY_FEATURES]
-        if unknown or not isinstance(self.features, (list, tuple)):
-            raise self._bad_param("features", f"a list drawn from {', '.join(HISTORY_FEATURES)}")
+        if self.features is not None and not isinstance(self.features, (list, tuple)):
+            raise self._bad_param("features", f"None or a list drawn from {', '.join(HISTORY_FEATURES)}")
+        unknown = [f for f in self._features() if f not in HISTORY_FEATURES]
+        if unknown:
+            raise self._bad_param("features", f"None or a list drawn from {', '.join(HISTORY_FEATURES)}")
         for param in _ARTIFACT_PARAMS:
             if param in self._needs() and not getattr(self, param):
                 raise self._bad_param(param, "an artifact folder (a chosen feature reads it)")
         if not _is_number(self.recency) or not 0 < self.recency <= 1:
             raise self._bad_param("recency", "a number in (0, 1]")
+        if not isinstance(self.group_column, str) or not self.group_column:
+            raise self._bad_param("group_column", "a catalog column name")
+        if not _is_int(self.group_words) or self.group_words < 0:
+            raise self._bad_param("group_words", "an int >= 0 (0: the whole value)")
         if not isinstance(self.copy_columns, (list, tuple)) or not all(isinstance(c, str) for c in self.copy_columns):
             raise self._bad_param("copy_columns", "a list of column names")
-        if not self.features and not self.copy_columns:
+        if not self._features() and not self.copy_columns:
             raise self._bad_param("features", "a non-empty list (or some copy_columns)")
 
     def required_columns(self) -> pa.Schema:
@@ -162,8 +218,61 @@ class HistoryFeatures(Stage):
         return pa.schema(fields + [pa.field(c, ANY) for c in self.copy_columns])
 
     def produced_columns(self) -> pa.Schema:
-        names = [feature_column(f) for f in self.features] + [feature_column(c) for c in self.copy_columns]
+        names = [feature_column(f) for f in self._features()] + [feature_column(c) for c in self.copy_columns]
         return pa.schema([pa.field(n, pa.float32()) for n in names])
+
+    def build(self, upstream: Pipeline | None, ctx: BuildContext) -> str | None:
+        """Count next-item transitions from ``[data] logs`` into ``transitions`` and read the item
+        groups from ``[data] catalog`` into ``groups`` (each when a chosen feature needs it, and
+        skipped when its inputs and settings are unchanged)."""
+        lines = []
+        if "transitions" in self._needs():
+            lines.append(self._build_transitions(ctx))
+        if "groups" in self._needs():
+            lines.append(self._build_groups(ctx))
+        return "\n".join(lines) or None
+
+    def _build_transitions(self, ctx: BuildContext) -> str:
+        from pipeline.data import read_logs
+
+        folder = self.resolve_path(self.transitions)
+        logs_path = ctx.data_path("logs")
+        key = build_key(stage=self.name, artifact="transitions", top_m=TRANSITIONS_TOP_M, logs=sha256_file(logs_path))
+        what = f"stage '{self.name}' transitions"
+        if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what=what).get("build_key") == key:
+            return f"{self.name}: transitions up to date ({folder})"
+        logs = read_logs(logs_path)
+        items = logs.column("items").combine_chunks()
+        lengths = pc.fill_null(pc.list_value_length(items), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        check_fits(self.name, f"counting next-item transitions in {logs.num_rows} users' logs",
+                   association_memory(lengths, len(pc.unique(pc.list_flatten(items))), 1), "transitions", self.transitions)
+        # window 1, forward only, no discounts: C[a, b] = times b came right after a
+        index = AssociationIndex.learn(items, window=1, forward=1.0, backward=0.0, decay=1.0, alpha=0.0, beta=0.0,
+                                       top_m=TRANSITIONS_TOP_M, progress=ctx.progress)
+        index.save(folder, extra={"build_key": key, "logs": str(logs_path), "users": logs.num_rows})
+        return f"{self.name}: {index.matrix.nnz} (item, next item) pairs among {len(index)} items in {folder}"
+
+    def _build_groups(self, ctx: BuildContext) -> str:
+        from pipeline.data import read_catalog
+        from pipeline.runner import write_parquet_atomic
+
+        folder = self.resolve_path(self.groups)
+        catalog_path = ctx.data_path("catalog")
+        key = build_key(stage=self.name, artifact="groups", column=self.group_column, words=self.group_words,
+                        catalog=sha256_file(catalog_path))
+        what = f"stage '{self.name}' groups"
+        if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what=what).get("build_key") == key:
+            return f"{self.name}: groups up to date ({folder})"
+        table = item_groups(read_catalog(catalog_path, [self.group_column]), self.group_column, self.group_words)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MANIFEST).unlink(missing_ok=True)
+        write_parquet_atomic(table, folder / GROUPS_FILE)
+        groups = len(table.column(GROUP).drop_null().unique())
+        write_json_atomic(folder / MANIFEST, {"kind": "item-groups", "build_key": key, "column": self.group_column,
+                                              "words": self.group_words, "catalog": str(catalog_path),
+                                              "items": table.num_rows, "groups": groups,
+                                              "files": {GROUPS_FILE: sha256_file(folder / GROUPS_FILE)}})
+        return f"{self.name}: {table.num_rows} items in {groups} groups ('{self.group_column}') in {folder}"
 
     def warm_up(self) -> None:
         super().warm_up()
@@ -183,6 +292,9 @@ class HistoryFeatures(Stage):
                 "count": np.log1p(pop.column("count").to_numpy().astype(np.float32)),
                 "recent": pop.column("recent").to_numpy().astype(np.float32),
             }
+        self.transitions_ = AssociationIndex.load(self.resolve_path(self.transitions)) if "transitions" in needs else None
+        self.groups_ = load_groups(self.resolve_path(self.groups), what=f"stage '{self.name}' groups") \
+            if "groups" in needs else None
         self.loaded_ = True
 
     def transform(self, table: pa.Table) -> pa.Table:
@@ -198,9 +310,13 @@ class HistoryFeatures(Stage):
             for name in ("count", "recent"):
                 values = self.popularity_[name][np.maximum(rows, 0)] if len(rows) else np.zeros(0, np.float32)
                 out[f"pop_{name}"] = np.where(rows >= 0, values, 0.0)
+        if self.transitions_ is not None:
+            out.update(self._transitions(qcodes, lengths, flat_hist, items))
+        if self.groups_ is not None:
+            out.update(self._groups(qcodes, lengths, flat_hist, items))
         out["history_len"] = lengths[qcodes].astype(np.float32)
         result = table.drop_columns([c for c in self.produced_columns().names if c in table.column_names])
-        for f in self.features:
+        for f in self._features():
             result = result.append_column(pa.field(feature_column(f), pa.float32()), pa.array(out[f], pa.float32()))
         for c in self.copy_columns:
             values = pc.cast(table.column(c), pa.float32())
@@ -249,6 +365,71 @@ class HistoryFeatures(Stage):
     def _content(self, qcodes, lengths, flat_hist, items) -> dict[str, np.ndarray]:
         last, best, mean = history_similarities(self.vectors_, qcodes, lengths, flat_hist, items, self.recency)
         return {"sim_last": last, "sim_max": best, "sim_mean": mean}
+
+    def _transitions(self, qcodes, lengths, flat_hist, items) -> dict[str, np.ndarray]:
+        index: AssociationIndex = self.transitions_
+        hist_pos, item_pos = index.positions(flat_hist), index.positions(items)
+        ends = np.cumsum(lengths)
+        per_row = lengths[qcodes]
+
+        def back(steps: int) -> np.ndarray:  # each row's history item ``steps`` before the last (-1: none)
+            ok = per_row > steps
+            at = np.where(ok, ends[qcodes] - 1 - steps, 0)
+            return np.where(ok, hist_pos[at] if len(hist_pos) else -1, -1)
+
+        last = back(0)
+        next_last = index.pair_scores(last, item_pos)
+        seen = np.where(last >= 0, index.counts[np.maximum(last, 0)], 0) if len(index.counts) else np.zeros(len(last))
+        return {"next_last": next_last, "next_last_share": next_last / np.maximum(seen, 1),
+                "next_prev": index.pair_scores(back(1), item_pos)}
+
+    def _groups(self, qcodes, lengths, flat_hist, items) -> dict[str, np.ndarray]:
+        ids, codes = self.groups_
+        hist_group = _group_codes(flat_hist, ids, codes)
+        item_group = _group_codes(items, ids, codes)
+        rows, slot, back = self._pairs(qcodes, lengths)
+        same = (hist_group[slot] == item_group[rows]) & (item_group[rows] >= 0)
+        n = len(qcodes)
+        share = np.bincount(rows, weights=same, minlength=n) / np.maximum(lengths[qcodes], 1)
+        last = np.zeros(n)
+        last[rows[back == 0]] = same[back == 0]
+        return {"group_share": share, "group_last": last}
+
+
+def _group_codes(values: pa.Array, ids: pa.Array, codes: np.ndarray) -> np.ndarray:
+    """The group code of each item id (-1: unknown item or no group)."""
+    at = lookup_positions(values, ids)
+    return np.where(at >= 0, codes[np.maximum(at, 0)] if len(codes) else -1, -1)
+
+
+def item_groups(catalog: pa.Table, column: str, words: int = 0) -> pa.Table:
+    """``item_id`` and ``group``: the catalog's ``column`` as a string, or its first ``words``
+    words lowercased when ``words > 0`` (null where the item has no value or no word)."""
+    values = catalog.column(column)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        if pa.types.is_nested(values.type):
+            raise DataError(f"catalog column '{column}' (group_column) must hold one value per item; found {values.type}")
+        values = pc.cast(values, pa.string())
+    series = pl.from_arrow(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
+    if words:
+        series = series.str.to_lowercase().str.extract_all(r"\w+").list.head(words).list.join(" ")
+    series = series.replace("", None)
+    return pa.table({ITEM_ID: catalog.column(ITEM_ID), GROUP: series.to_arrow().cast(pa.string())})
+
+
+def load_groups(folder: Path, *, what: str) -> tuple[pa.Array, np.ndarray]:
+    """``(item ids, group code per item)`` from an :func:`item_groups` artifact folder (code -1: no group)."""
+    manifest = read_manifest(folder, what=what)
+    if manifest.get("kind") != "item-groups":
+        raise ArtifactError(f"{what}: {folder / MANIFEST} describes a {manifest.get('kind')!r} artifact, not item groups")
+    verify_files(folder, manifest, what=what)
+    try:
+        table = pq.read_table(folder / GROUPS_FILE, columns=[ITEM_ID, GROUP])
+    except (OSError, KeyError, pa.ArrowException) as exc:
+        raise ArtifactError(f"{what} at {folder} cannot be read ({exc}); rebuild it with `funnel build`") from exc
+    encoded = pc.dictionary_encode(table.column(GROUP).combine_chunks())
+    codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return table.column(ITEM_ID).combine_chunks(), codes
 
 
 def query_histories(table: pa.Table, history_column: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
@@ -350,3 +531,28 @@ def next_item_training(upstream: Pipeline, ctx: BuildContext, folder: Path) -> t
             if (line := stage.build(before, sub_ctx)) is not None:
                 ctx.log("  (ranker training view, logs without each user's last item) " + line)
     return queries, judgments, Pipeline(stages, inputs=upstream.inputs)
+
+
+def next_item_views(upstream: Pipeline, ctx: BuildContext, folder: Path, views: int = 1):
+    """:func:`next_item_training` ``views`` times, one step further back each time: view 1's targets
+    are each user's last item (artifacts under ``folder``), view ``v``'s the item ``v - 1`` steps
+    before it, with artifacts rebuilt under ``folder-v`` from the logs before it, so no view's
+    artifacts ever saw its own targets. Yields ``(queries, judgments, training upstream)`` per
+    view; a view with no user left (histories too short) ends the iteration."""
+    import dataclasses
+
+    logs = None
+    for v in range(1, views + 1):
+        view_ctx = ctx if logs is None else BuildContext(
+            dataclasses.replace(ctx.config, data={**ctx.config.data, "logs": str(logs)}), force=ctx.force,
+            progress=ctx.progress, log=ctx.log)
+        view_folder = folder if v == 1 else folder.with_name(f"{folder.name}-{v}")
+        if logs is not None:  # a user needs two items left: a history and a target
+            lengths = pc.list_value_length(pq.read_table(logs, columns=["items"]).column("items"))
+            if not pc.any(pc.greater_equal(pc.fill_null(lengths, 0), 2)).as_py():
+                return
+        queries, judgments, view = next_item_training(upstream, view_ctx, view_folder)
+        if queries.num_rows == 0:
+            return
+        yield queries, judgments, view
+        logs = view_folder / "prior_logs.parquet"

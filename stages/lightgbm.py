@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,10 @@ class LightGBMRanker(Stage):
     ``funnel build --engine ray`` generates the training candidates on Ray Data actors (the
     ``funnel run --engine ray`` path); the model is the same.
 
+    **More targets per user** (next-item training from logs): ``targets_per_user = n`` trains on
+    each user's last ``n`` items as targets, each with artifacts that never saw it (see
+    :meth:`build`); with one target per user a small shop leaves the ranker few positives.
+
     The previous ``score``/``rank`` are kept as ``recall_score``/``recall_rank``.
 
     With ``explain = N > 0`` (``funnel run --explain``) each row also gets ``explanation``: the
@@ -132,7 +137,7 @@ class LightGBMRanker(Stage):
                  label_scale: float = 3.0, relevance_offset: float = 1.0, seed: int = 0, device: str = "auto",
                  explain: int = 0, train_device: str = "cpu", truncation_level: int = 30,
                  feature_fraction: float = 1.0, bagging_fraction: float = 1.0,
-                 max_train_queries: int | None = 100_000):
+                 max_train_queries: int | None = 100_000, targets_per_user: int = 1):
         self.model = model
         self.num_threads = num_threads
         self.n_estimators = n_estimators
@@ -152,6 +157,7 @@ class LightGBMRanker(Stage):
         self.feature_fraction = feature_fraction
         self.bagging_fraction = bagging_fraction
         self.max_train_queries = max_train_queries
+        self.targets_per_user = targets_per_user
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -195,6 +201,9 @@ class LightGBMRanker(Stage):
                                                    or isinstance(self.max_train_queries, bool)
                                                    or self.max_train_queries < 1):
             raise self._bad_param("max_train_queries", "None (all) or an int >= 1")
+        if not isinstance(self.targets_per_user, int) or isinstance(self.targets_per_user, bool) \
+                or self.targets_per_user < 1:
+            raise self._bad_param("targets_per_user", "an int >= 1 (training targets per user, from logs)")
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -282,7 +291,12 @@ class LightGBMRanker(Stage):
         each user's last logged item is the target of a query made of the items before it, and
         the candidates come from upstream artifacts rebuilt without those targets
         (:func:`stages.history.next_item_training`). Users whose target is not among the
-        candidates carry no ranking signal and are left out.
+        candidates carry no ranking signal and are left out. With ``targets_per_user = n > 1``
+        each training user also gives the queries whose targets are their 2nd, ..., n-th last
+        items, each view with upstream artifacts rebuilt from the logs before its targets
+        (:func:`stages.history.next_item_views`): n times the ranking signal for n builds of the
+        log-learned artifacts (association counts, popularity: seconds each; a sequence model:
+        its training time each). Early stopping is judged on the last items only.
         """
         import lightgbm as lgb
 
@@ -291,7 +305,8 @@ class LightGBMRanker(Stage):
         folder = self.resolve_path(self.model)
         from_logs = "judgments" not in ctx.config.data and "logs" in ctx.config.data
         judgments_path = ctx.data_path("logs" if from_logs else "judgments")
-        train_params = {k: v for k, v in self.get_params().items() if k not in ("model", "device", "num_threads")}
+        skip = {"model", "device", "num_threads"} | ({"targets_per_user"} if self.targets_per_user == 1 else set())
+        train_params = {k: v for k, v in self.get_params().items() if k not in skip}
         key = build_key(stage=self.name, params=train_params, judgments=sha256_file(judgments_path),
                         upstream=upstream_key(upstream))
         if not ctx.force and (folder / "manifest.json").exists() and read_manifest(folder, what="ranker").get("build_key") == key:
@@ -302,11 +317,13 @@ class LightGBMRanker(Stage):
             raise DataError(f"stage '{self.name}' needs a feature stage (producing {FEATURE_PREFIX}* columns) before it")
         features = [f.name for f in upstream.output_schema if f.name.startswith(FEATURE_PREFIX)]
 
-        self._check_memory(upstream, judgments_path, features)
+        self._check_memory(upstream, judgments_path, features, views=self.targets_per_user if from_logs else 1)
+        views = iter(())
         if from_logs:
-            from .history import next_item_training
+            from .history import next_item_views
 
-            queries, judgments, upstream = next_item_training(upstream, ctx, folder / "upstream")
+            views = next_item_views(upstream, ctx, folder / "upstream", self.targets_per_user)
+            queries, judgments, upstream = next(views)
         else:
             judgments = read_judgments(judgments_path)
             queries = pl.from_arrow(judgments.select([QUERY_ID, QUERY])).unique(QUERY_ID, maintain_order=True).to_arrow()
@@ -321,8 +338,12 @@ class LightGBMRanker(Stage):
             pa.array(holdout_mask(train_q.column(QUERY_ID), self.valid_fraction, self.seed + 1), pa.bool_()))
         work = folder / TRAINING_SHARDS
         shutil.rmtree(work, ignore_errors=True)
+        # views 2.. (targets_per_user): the same training users, one target further back each,
+        # without the validation users (early stopping is judged on the real last items only)
+        train_ids = pc.filter(train_q.column(QUERY_ID), pc.invert(pc.is_in(train_q.column(QUERY_ID), valid_ids)))
+        more = ((up, q.filter(pc.is_in(q.column(QUERY_ID), train_ids)), j) for q, j, up in views)
         try:
-            shards = self._write_training_shards(upstream, train_q, judgments, valid_ids, features, work,
+            shards = self._write_training_shards(chain([(upstream, train_q, judgments)], more), valid_ids, features, work,
                                                  from_logs=from_logs, ctx=ctx)
             if shards["train"].rows + shards["valid"].rows == 0:
                 raise DataError(f"stage '{self.name}': no training user's next item is among the upstream candidates "
@@ -337,33 +358,36 @@ class LightGBMRanker(Stage):
         tmp.replace(folder / MODEL_FILE)
         write_json_atomic(folder / "manifest.json", {
             "kind": "lightgbm-ranker", "build_key": key, "features": features, "best_iteration": best,
-            "valid_ndcg@10": valid_ndcg, "train_rows": int(train_rows), "train_queries": int(train_q.num_rows),
+            "valid_ndcg@10": valid_ndcg, "train_rows": int(train_rows), "train_queries": int(shards["queries"]),
+            "views": shards["views"],
             "holdout_queries": int(held.sum()), "params": params,
             "files": {name: sha256_file(folder / name) for name in (MODEL_FILE, HOLDOUT_QUERIES, HOLDOUT_JUDGMENTS)},
         })
         self.booster_ = None
-        return (f"{self.name}: trained on {train_q.num_rows} queries / {n_rows} candidates, "
+        return (f"{self.name}: trained on {shards['queries']} queries / {n_rows} candidates, "
                 f"{best} trees, valid NDCG@10 {valid_ndcg if valid_ndcg is None else round(valid_ndcg, 4)}; "
                 f"{int(held.sum())} holdout queries in {folder}")
 
 
-    def _check_memory(self, upstream: Pipeline, judgments_path, features: list[str]) -> None:
+    def _check_memory(self, upstream: Pipeline, judgments_path, features: list[str], views: int = 1) -> None:
         """Stop before any work when the training rows cannot fit: at most one query per row of the
-        judgments/logs file (capped by ``max_train_queries``), each with as many candidates as the
-        widest recall stage's ``k``."""
+        judgments/logs file (capped by ``max_train_queries``) and training view, each with as many
+        candidates as the widest recall stage's ``k``."""
         queries = pq.ParquetFile(judgments_path).metadata.num_rows
         if self.max_train_queries is not None:
             queries = min(queries, self.max_train_queries)
         k = max([s.k for s in upstream.stages if isinstance(getattr(s, "k", None), int)] or [100])
-        rows = queries * k
-        check_fits(self.name, f"training on up to {queries} queries x {k} candidates x {len(features)} features",
+        rows = queries * views * k
+        check_fits(self.name, f"training on up to {queries * views} queries x {k} candidates x {len(features)} features",
                    rows * (len(features) * BYTES_PER_VALUE + BYTES_PER_ROW), "max_train_queries", self.max_train_queries)
 
-    def _write_training_shards(self, upstream: Pipeline, train_q: pa.Table, judgments: pa.Table, valid_ids: pa.Array,
-                               features: list[str], work: Path, *, from_logs: bool, ctx: BuildContext) -> dict:
-        """Run ``upstream`` over the training queries a batch at a time and write each batch's labelled
-        feature rows (query id, label, float32 features; nothing else) as Parquet shards under
-        ``work``, training and validation queries apart. Returns ``{"train"|"valid": _Shards}``.
+    def _write_training_shards(self, parts, valid_ids: pa.Array, features: list[str], work: Path, *,
+                               from_logs: bool, ctx: BuildContext) -> dict:
+        """Run each ``(upstream, queries, judgments)`` of ``parts`` (one per training view) over its
+        queries a batch at a time and write each batch's labelled feature rows (query id, label,
+        float32 features; nothing else) as Parquet shards under ``work``, training and validation
+        queries apart; a view's rows never share a shard with another's, so a user's queries in two
+        views stay two query groups. Returns ``{"train"|"valid": _Shards, "queries": n, "views": n}``.
 
         With ``ctx.engine == "ray"`` the candidates come from :func:`pipeline.ray_engine.run_on_ray`
         (the ``funnel run --engine ray`` path, on a cluster with ``ctx.ray_options``) as shards
@@ -375,37 +399,42 @@ class LightGBMRanker(Stage):
 
         work.mkdir(parents=True)
         shards = {"train": _Shards(work, "train"), "valid": _Shards(work, "valid")}
-        rel = pl.from_arrow(judgments.select([QUERY_ID, ITEM_ID, RELEVANCE])).unique([QUERY_ID, ITEM_ID])
+        n_queries = n_views = 0
+        for view, (upstream, train_q, judgments) in enumerate(parts, start=1):
+            rel = pl.from_arrow(judgments.select([QUERY_ID, ITEM_ID, RELEVANCE])).unique([QUERY_ID, ITEM_ID])
 
-        def add(cands: pa.Table) -> None:
-            rows = self._labelled_rows(cands, rel, features, from_logs=from_logs)
-            is_valid = pc.is_in(rows.column(QUERY_ID), pc.cast(valid_ids, rows.schema.field(QUERY_ID).type))
-            shards["valid"].add(rows.filter(is_valid), write_parquet_atomic)
-            shards["train"].add(rows.filter(pc.invert(is_valid)), write_parquet_atomic)
+            def add(cands: pa.Table) -> None:
+                rows = self._labelled_rows(cands, rel, features, from_logs=from_logs)
+                is_valid = pc.is_in(rows.column(QUERY_ID), pc.cast(valid_ids, rows.schema.field(QUERY_ID).type))
+                shards["valid"].add(rows.filter(is_valid), write_parquet_atomic)
+                shards["train"].add(rows.filter(pc.invert(is_valid)), write_parquet_atomic)
 
-        if ctx.engine == "ray":
-            from pipeline.ray_engine import run_on_ray
+            desc = "ranker training candidates" + (f" (view {view}: targets {view - 1} step(s) before the last)"
+                                                   if view > 1 else "")
+            if ctx.engine == "ray":
+                from pipeline.ray_engine import run_on_ray
 
-            write_parquet_atomic(train_q, work / "queries.parquet")
-            summary = run_on_ray(upstream, work / "queries.parquet", work / "candidates", batch_size=TRAIN_BATCH,
-                                 progress=ctx.progress, name=f"{self.name} training candidates",
-                                 **{k: v for k, v in ctx.ray_options.items() if v is not None})
-            for part in sorted((work / "candidates").glob("part-*.parquet")):
-                add(pq.read_table(part))
-                part.unlink()
-            ctx.log(f"  ranker training candidates on Ray: {summary.rows} rows for {summary.queries} queries "
-                    f"in {summary.seconds:.0f} s")
-        else:
-            with tqdm(total=train_q.num_rows, desc="ranker training candidates", unit="q",
-                      disable=not ctx.progress) as bar:
-                for start in range(0, train_q.num_rows, TRAIN_BATCH):
-                    batch = train_q.slice(start, TRAIN_BATCH)
-                    add(upstream(batch))
-                    bar.update(batch.num_rows)
-                    bar.set_postfix(memory_postfix(shards["train"].rows + shards["valid"].rows), refresh=False)
-        for part in shards.values():
-            part.flush(write_parquet_atomic)
-        return shards
+                sub = work / f"view-{view}"
+                sub.mkdir()
+                write_parquet_atomic(train_q, sub / "queries.parquet")
+                summary = run_on_ray(upstream, sub / "queries.parquet", sub / "candidates", batch_size=TRAIN_BATCH,
+                                     progress=ctx.progress, name=f"{self.name} {desc}",
+                                     **{k: v for k, v in ctx.ray_options.items() if v is not None})
+                for part in sorted((sub / "candidates").glob("part-*.parquet")):
+                    add(pq.read_table(part))
+                    part.unlink()
+                ctx.log(f"  {desc} on Ray: {summary.rows} rows for {summary.queries} queries in {summary.seconds:.0f} s")
+            else:
+                with tqdm(total=train_q.num_rows, desc=desc, unit="q", disable=not ctx.progress) as bar:
+                    for start in range(0, train_q.num_rows, TRAIN_BATCH):
+                        batch = train_q.slice(start, TRAIN_BATCH)
+                        add(upstream(batch))
+                        bar.update(batch.num_rows)
+                        bar.set_postfix(memory_postfix(shards["train"].rows + shards["valid"].rows), refresh=False)
+            for part in shards.values():
+                part.flush(write_parquet_atomic)
+            n_queries, n_views = n_queries + train_q.num_rows, view
+        return {**shards, "queries": n_queries, "views": n_views}
 
     def _labelled_rows(self, cands: pa.Table, rel: pl.DataFrame, features: list[str], *, from_logs: bool) -> pa.Table:
         """One batch's candidates as training rows: query id, label, features (in candidate order)."""

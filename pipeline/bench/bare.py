@@ -72,7 +72,13 @@ NOT_COVERED: dict[str, str] = {
 _TOKEN = r"[a-z0-9]+(?:[./][0-9]+)*"
 _NUMBER = r"[0-9]+(?:[./][0-9]+)*"
 _HISTORY_FEATURES = ("assoc_last", "assoc_prev", "assoc_sum", "assoc_max", "assoc_hits", "assoc_match_pos",
-                     "assoc_reverse_last", "sim_last", "sim_max", "sim_mean", "pop_count", "pop_recent", "history_len")
+                     "assoc_reverse_last", "sim_last", "sim_max", "sim_mean", "pop_count", "pop_recent", "history_len",
+                     "next_last", "next_last_share", "next_prev", "group_share", "group_last")
+#: the artifact parameter each features.history family reads, and its default (None: off)
+_HISTORY_ARTIFACT = {"assoc": "association", "sim": "content", "pop": "popularity", "next": "transitions",
+                     "group": "groups"}
+_HISTORY_DEFAULTS = {"assoc": "artifacts/association", "sim": "artifacts/content", "pop": "artifacts/popularity",
+                     "next": None, "group": None}
 _DEFAULT_FEATURES = ("recall_score", "recall_rank", "overlap", "coverage", "jaccard", "title_len", "query_len",
                      "number_match", "query_has_number", "brand_match")
 
@@ -353,8 +359,19 @@ class BarePipeline:
             return {"index": index, "ids": ids, "vectors": vectors, "normalize": manifest.get("normalize", False),
                     "positions": ids.to_frame("_item").with_row_index("_p")}
         if kind == "features.history":
-            names = list(p.get("features", _HISTORY_FEATURES))
-            out: dict = {"names": names}
+            names = p.get("features")
+            if names is None:  # every feature whose artifact is set
+                names = [n for n in _HISTORY_FEATURES
+                         if p.get(_HISTORY_ARTIFACT.get(n.split("_")[0], ""), _HISTORY_DEFAULTS.get(n.split("_")[0], "x"))]
+            out: dict = {"names": list(names)}
+            if any(n.startswith("next_") for n in names):
+                folder = self._path(p["transitions"])
+                ids = pl.from_arrow(pq.read_table(folder / "items.parquet").column("item_id").combine_chunks())
+                out["next"] = {"ids": ids, "positions": ids.to_frame("_item").with_row_index("_p"),
+                               "count": pq.read_table(folder / "items.parquet").column("count").to_numpy(),
+                               "pairs": pl.read_parquet(folder / "neighbours.parquet")}
+            if any(n.startswith("group_") for n in names):
+                out["groups"] = pl.read_parquet(self._path(p["groups"]) / "groups.parquet")
             if any(n.startswith("assoc_") for n in names):
                 out["assoc"] = self._load_step("recall.association", {"index": p.get("association", "artifacts/association")})
             if any(n.startswith("sim_") for n in names):
@@ -634,6 +651,33 @@ class BarePipeline:
             pop = s["pop"].with_columns(pl.col("item_id").cast(df.schema["item_id"], strict=False))
             got = df.select("item_id").join(pop, on="item_id", how="left", maintain_order="left")
             feats.update({n: got[n].fill_null(0.0) for n in ("pop_count", "pop_recent")})
+        if "next" in s:
+            t = s["next"]
+            nb = t["pairs"].with_columns(pl.col("item").cast(pl.Int64), pl.col("neighbour").cast(pl.Int64))
+            got = rows
+            for back, name in ((0, "next_last"), (1, "next_prev")):
+                pr = position(position(pairs.filter(pl.col("_back") == back), "_h", t, "_hp"), "item_id", t, "_ip")
+                pr = pr.join(nb, left_on=["_hp", "_ip"], right_on=["item", "neighbour"], how="left")
+                got = got.join(pr.select("_row", pl.col("score").fill_null(0.0).alias(name),
+                                         pl.col("_hp").alias(f"_{name}_p")), on="_row", how="left")
+            got = got.sort("_row")
+            seen = pl.Series(t["count"]).gather(got["_next_last_p"].fill_null(0)).to_numpy()
+            feats["next_last"], feats["next_prev"] = got["next_last"].fill_null(0.0), got["next_prev"].fill_null(0.0)
+            seen = np.where(got["_next_last_p"].is_null().to_numpy(), 0.0, seen)
+            feats["next_last_share"] = pl.Series(feats["next_last"].to_numpy() / np.maximum(seen, 1.0))
+        if "groups" in s:
+            g = s["groups"].with_columns(pl.col("item_id").cast(df.schema["item_id"], strict=False))
+            cand = base.select("_row", "item_id").join(g.rename({"group": "_g"}), on="item_id", how="left")
+            hist = pairs.select("_row", "_h", "_back").join(
+                g.with_columns(pl.col("item_id").cast(df.schema[hist_col].inner, strict=False)).rename({"item_id": "_h"}),
+                on="_h", how="left")
+            same = (hist.join(cand.select("_row", "_g"), on="_row", how="left")
+                    .with_columns((pl.col("group") == pl.col("_g")).fill_null(False).alias("_same")))
+            agg = same.group_by("_row").agg(pl.col("_same").mean().alias("group_share"),
+                                            pl.col("_same").filter(pl.col("_back") == 0).any().alias("group_last"))
+            got = rows.join(agg, on="_row", how="left").sort("_row")
+            feats["group_share"] = got["group_share"].fill_null(0.0)
+            feats["group_last"] = got["group_last"].cast(pl.Float64).fill_null(0.0)
         out = [feats[n].cast(pl.Float32).alias("f_" + n) for n in names]
         out += [df[c].cast(pl.Float32).alias("f_" + c) for c in copies]
         return df.drop([x.name for x in out], strict=False).with_columns(out)

@@ -414,7 +414,7 @@ def test_bare_history_features_equal_funnel_s(tmp_path):
     import pyarrow.parquet as pq
 
     from indexes.faiss_index import FaissIndex
-    from pipeline.build import build_artifacts
+    from pipeline.build import BuildContext, build_artifacts
     from pipeline.config import PipelineConfig, load_config
     from stages.history import HistoryFeatures
 
@@ -429,13 +429,21 @@ def test_bare_history_features_equal_funnel_s(tmp_path):
         build_artifacts(load_config(tmp_path / "p.toml"), progress=False, log=lambda m: None)
     xb, _ = synthetic_vectors(35, 8, n_queries=1, seed=6)  # i35..i39 have no vector
     FaissIndex.build(xb, pa.array(items[:35]), factory="Flat", metric="ip", normalize=True).save(tmp_path / "artifacts/content")
+    pq.write_table(pa.table({"item_id": items, "brand": [None if n % 7 == 0 else f"b{n % 4}" for n in range(40)]}),
+                   tmp_path / "catalog.parquet")
+    own = HistoryFeatures(association=None, content=None, popularity=None, transitions="artifacts/transitions",
+                          groups="artifacts/groups")
+    own._base_dir = tmp_path
+    own.build(None, BuildContext(PipelineConfig(stages=[], data={"logs": "logs.parquet", "catalog": "catalog.parquet"},
+                                                base_dir=tmp_path), progress=False, log=lambda m: None))
     histories = [[items[j] for j in rng.integers(0, 40, size=rng.integers(1, 6))] for _ in range(12)]
     histories += [["i1", "unknown", "i2"], ["i3", "unknown"], ["unknown"], [], None]
     rows = [{"query_id": f"q{q}", "item_id": items[j] if j < 40 else "new", "history": h,
              "score": float(rng.normal()), "rank": r + 1}
             for q, h in enumerate(histories) for r, j in enumerate(rng.integers(0, 41, size=6))]
     table = pa.Table.from_pylist(rows)
-    paths = {name: str(tmp_path / "artifacts" / name) for name in ("association", "content", "popularity")}
+    paths = {name: str(tmp_path / "artifacts" / name)
+             for name in ("association", "content", "popularity", "transitions", "groups")}
     config = tmp_path / "hf.toml"
     config.write_text('[[stages]]\ntype = "features.history"\n[stages.params]\nrecency = 0.5\n'
                       + "".join(f'{k} = "{v}"\n' for k, v in paths.items()))
@@ -444,8 +452,9 @@ def test_bare_history_features_equal_funnel_s(tmp_path):
     want = pl.from_arrow(stage(table))
     got = BarePipeline(config).run(table).select(want.columns)
     feats = [c for c in want.columns if c.startswith("f_")]
-    assert len(feats) == 15
+    assert len(feats) == 20
     assert (want["f_assoc_sum"] > 0).sum() > 10 and want["f_sim_mean"].is_not_nan().sum() > 10 and (want["f_pop_count"] > 0).sum() > 10
+    assert (want["f_next_last"] > 0).sum() > 3 and (want["f_group_share"] > 0).sum() > 10 and (want["f_group_last"] > 0).sum() > 5
     assert got.drop(feats).rows() == want.drop(feats).rows()
     for c in feats:
         np.testing.assert_allclose(got[c].to_numpy(), want[c].to_numpy(), rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=c)

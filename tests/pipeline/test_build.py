@@ -99,6 +99,26 @@ def test_ranker_training_is_estimated_and_samples_max_train_queries(tmp_path, mo
     assert "lower 'max_train_queries' (now 200)" in line
 
 
+def test_ranker_trains_on_several_targets_per_user_each_view_with_its_own_artifacts(tmp_path, monkeypatch):
+    config = write_shop(tmp_path, max_train_queries="None")
+    text = config.read_text().replace("None", "1000")
+    config.write_text(text.replace("max_train_queries = 1000", "max_train_queries = 1000, targets_per_user = 1"))
+    assert build(config, monkeypatch).exit_code == 0
+    one = json.loads((tmp_path / "artifacts" / "ranker" / "manifest.json").read_text())
+    config.write_text(text)                                      # targets_per_user = 1 is the default: same model
+    result = CliRunner().invoke(main, ["build", str(config)])
+    assert "rank.lightgbm: up to date" in result.output, result.output
+    config.write_text(text.replace("max_train_queries = 1000", "max_train_queries = 1000, targets_per_user = 3"))
+    result = CliRunner().invoke(main, ["build", str(config)])
+    assert result.exit_code == 0, result.output
+    three = json.loads((tmp_path / "artifacts" / "ranker" / "manifest.json").read_text())
+    assert one["views"] == 1 and three["views"] == 3
+    assert three["train_queries"] > 2 * one["train_queries"] and three["train_rows"] > 2 * one["train_rows"]
+    for view in ("upstream", "upstream-2", "upstream-3"):
+        assert (tmp_path / "artifacts" / "ranker" / view / "artifacts" / "assoc" / "manifest.json").exists()
+    assert "view 3: targets 2 step(s) before the last" in result.output
+
+
 def test_memory_figures():
     assert parse_bytes("8GB") == 8 << 30 and parse_bytes("1.5g") == 3 << 29 and parse_bytes("512 MiB") == 512 << 20
     assert parse_bytes("100") == 100

@@ -15,7 +15,8 @@ from pipeline.errors import ConfigError
 from pipeline.stage import Pipeline
 from pipeline.testing import CHECKS, StageCase
 from stages.association import AssociationIndex, AssociationRecall
-from stages.history import HISTORY_FEATURES, HistoryFeatures, HistoryFilter, next_item_training
+from stages.history import (DEFAULT_HISTORY_FEATURES, HISTORY_FEATURES, HistoryFeatures, HistoryFilter, item_groups,
+                            next_item_training, next_item_views)
 from stages.popularity import PopularityRecall
 
 SCHEMA = pa.schema([("query_id", pa.string()), ("history", pa.list_(pa.string())), ("item_id", pa.string()),
@@ -62,9 +63,11 @@ def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("hist_artifacts")
     logs = pa.table({"user_id": ["u1", "u2", "u3"], "items": [["a", "b", "c"], ["a", "b"], ["b", "c", "d"]]})
     pq.write_table(logs, root / "logs.parquet")
-    ctx = BuildContext(PipelineConfig(stages=[], data={"logs": "logs.parquet"}, base_dir=root), progress=False,
-                       log=lambda m: None)
-    for stage in (AssociationRecall(index="assoc", backward=0.5, decay=0.5, beta=0.0), PopularityRecall(index="pop")):
+    pq.write_table(pa.table({"item_id": ["a", "b", "c", "d"], "brand": ["X", "Y", "Y", None]}), root / "catalog.parquet")
+    ctx = BuildContext(PipelineConfig(stages=[], data={"logs": "logs.parquet", "catalog": "catalog.parquet"},
+                                      base_dir=root), progress=False, log=lambda m: None)
+    for stage in (AssociationRecall(index="assoc", backward=0.5, decay=0.5, beta=0.0), PopularityRecall(index="pop"),
+                  features(root)):
         stage._base_dir = root
         stage.build(None, ctx)
     vectors = np.array([[1, 0, 0], [0.6, 0.8, 0], [0, 1, 0], [0, 0, 1]], np.float32)
@@ -73,7 +76,8 @@ def artifacts(tmp_path_factory):
 
 
 def features(root, **params):
-    stage = HistoryFeatures(association="assoc", content="content", popularity="pop", recency=0.5, **params)
+    stage = HistoryFeatures(association="assoc", content="content", popularity="pop", transitions="trans",
+                            groups="groups", recency=0.5, **params)
     stage._base_dir = root
     return stage
 
@@ -100,6 +104,13 @@ def test_feature_values_by_hand(artifacts):
     assert c["f_history_len"] == 2 and cold["f_history_len"] == 0
     assert c["f_score"] == 1.0 and d["f_rank"] == 2
     assert cold["f_assoc_last"] == 0
+    # transitions in the logs: a->b twice, b->c twice, c->d once; b occurs 3 times
+    assert c["f_next_last"] == 2 and c["f_next_last_share"] == pytest.approx(2 / 3) and c["f_next_prev"] == 0
+    assert d["f_next_last"] == 0 and unknown["f_next_last"] == 0 and cold["f_next_last"] == 0
+    # brands: a X, b Y, c Y, d none
+    assert c["f_group_share"] == pytest.approx(0.5) and c["f_group_last"] == 1
+    assert d["f_group_share"] == 0 and d["f_group_last"] == 0 and unknown["f_group_share"] == 0
+    assert cold["f_group_share"] == 0 and cold["f_group_last"] == 0
 
 
 def test_features_are_independent_of_row_order(artifacts):
@@ -117,9 +128,44 @@ def test_feature_params(artifacts):
     only_pop._base_dir = artifacts
     assert only_pop(candidates([("u", ["a"], ["b"])])).column("f_pop_count").to_pylist() == [pytest.approx(np.log1p(3))]
     with pytest.raises(ConfigError, match="'association' parameter of stage 'features.history' must be an artifact folder"):
-        HistoryFeatures(association=None).validate_params()
-    with pytest.raises(ConfigError, match="'features' parameter"):
-        HistoryFeatures(features=["nope"]).validate_params()
+        HistoryFeatures(association=None, features=["assoc_last"]).validate_params()
+    with pytest.raises(ConfigError, match="'groups' parameter of stage 'features.history' must be an artifact folder"):
+        HistoryFeatures(features=["group_last"]).validate_params()
+    # features = None: every feature whose artifact is set
+    assert HistoryFeatures()._features() == list(DEFAULT_HISTORY_FEATURES)
+    assert "assoc_last" not in HistoryFeatures(association=None)._features()
+    assert HistoryFeatures(transitions="t", groups="g")._features() == list(HISTORY_FEATURES)
+    with pytest.raises(ConfigError, match="'group_words' parameter"):
+        HistoryFeatures(group_words=-1).validate_params()
+
+
+def test_item_groups_from_a_column_or_its_first_words():
+    catalog = pa.table({"item_id": [1, 2, 3, 4], "title": ["Philips Sonicare Brush", "philips razor", "", None],
+                        "tags": [["x"], ["y"], [], None]})
+    assert item_groups(catalog, "title").column("group").to_pylist() == ["Philips Sonicare Brush", "philips razor",
+                                                                        None, None]
+    assert item_groups(catalog, "title", 1).column("group").to_pylist() == ["philips", "philips", None, None]
+    assert item_groups(catalog, "title", 2).column("group").to_pylist() == ["philips sonicare", "philips razor", None,
+                                                                           None]
+    assert item_groups(catalog, "item_id").column("group").to_pylist() == ["1", "2", "3", "4"]
+    with pytest.raises(Exception, match="'tags' \\(group_column\\) must hold one value per item"):
+        item_groups(catalog, "tags")
+
+
+def test_transitions_and_groups_are_built_once_and_rebuilt_when_their_input_changes(tmp_path):
+    pq.write_table(pa.table({"user_id": ["u1", "u2"], "items": [["a", "b"], ["b", "a", "b"]]}), tmp_path / "logs.parquet")
+    pq.write_table(pa.table({"item_id": ["a", "b"], "brand": ["X", "Y"]}), tmp_path / "catalog.parquet")
+    ctx = BuildContext(PipelineConfig(stages=[], data={"logs": "logs.parquet", "catalog": "catalog.parquet"},
+                                      base_dir=tmp_path), progress=False, log=lambda m: None)
+    stage = HistoryFeatures(association=None, content=None, popularity=None, transitions="t", groups="g")
+    stage._base_dir = tmp_path
+    first = stage.build(None, ctx)
+    assert "2 (item, next item) pairs among 2 items" in first and "2 items in 2 groups ('brand')" in first
+    assert stage.build(None, ctx).count("up to date") == 2
+    pq.write_table(pa.table({"item_id": ["a", "b"], "brand": ["X", "X"]}), tmp_path / "catalog.parquet")
+    again = stage.build(None, ctx)
+    assert "transitions up to date" in again and "2 items in 1 groups" in again
+    assert HistoryFeatures(association=None, content=None, popularity=None).build(None, ctx) is None
 
 
 @pytest.mark.parametrize("check", [c for c in CHECKS if c != "cpu_gpu_parity"])
@@ -155,6 +201,26 @@ def test_next_item_targets_and_training_view_never_see_the_targets(tmp_path):
     absolute.build(None, ctx)
     with pytest.raises(ConfigError, match="absolute"):
         next_item_training(Pipeline([absolute], inputs=upstream.inputs), ctx, tmp_path / "r2")
+
+
+def test_next_item_views_go_one_target_further_back_each_never_seen_by_their_artifacts(tmp_path):
+    logs = pa.table({"user_id": ["u1", "u2", "u3"], "items": [["a", "b", "c", "d"], ["a", "b", "c"], ["x", "y"]]})
+    pq.write_table(logs, tmp_path / "logs.parquet")
+    ctx = BuildContext(PipelineConfig(stages=[], data={"logs": "logs.parquet"}, base_dir=tmp_path), progress=False,
+                       log=lambda m: None)
+    serving = AssociationRecall(index="artifacts/assoc", backward=0.0)
+    serving._base_dir = tmp_path
+    serving.build(None, ctx)
+    upstream = Pipeline([serving], inputs=pa.schema([("query_id", pa.string()), ("history", pa.list_(pa.string()))]))
+    views = list(next_item_views(upstream, ctx, tmp_path / "ranker" / "upstream", views=5))
+    assert len(views) == 3                                       # then no user has two items left
+    targets = [dict(zip(j.column("query_id").to_pylist(), j.column("item_id").to_pylist())) for _, j, _ in views]
+    assert targets == [{"u1": "d", "u2": "c", "u3": "y"}, {"u1": "c", "u2": "b"}, {"u1": "b"}]
+    q2, _, view2 = views[1]
+    assert q2.column("history").to_pylist() == [["a", "b"], ["a"]]
+    assert view2.stages[0].resolve_path(view2.stages[0].index) == tmp_path / "ranker" / "upstream-2" / "artifacts" / "assoc"
+    assert "c" not in view2(q2.slice(0, 1)).column("item_id").to_pylist()   # b -> c only exists in view 2's targets
+    assert "c" in views[0][2](q2.slice(0, 1)).column("item_id").to_pylist()  # view 1's artifacts have it
 
 
 def test_association_features_match_a_per_row_reference(tmp_path):
