@@ -93,16 +93,25 @@ class TopNDisplay(Stage):
             raise self._bad_param("variant_pattern", "a regular expression (Rust regex syntax)") from None
 
     def transform(self, table: pa.Table) -> pa.Table:
-        frame = (pl.from_arrow(table)
-                 .with_row_index("__qpos").with_columns(pl.col("__qpos").min().over(QUERY_ID))
+        # the order and the rows to keep are worked out on the few columns they need; the other
+        # columns (features, titles, provenance) are taken once, in Arrow, for the kept rows only
+        needed = [QUERY_ID, RANK, SCORE, *[c for c in dict.fromkeys((self.variant_key, self.cap_column)) if c]]
+        frame = (pl.from_arrow(table.select(list(dict.fromkeys(needed)))).with_row_index("__row")
+                 .with_columns(pl.col("__row").min().over(QUERY_ID).alias("__qpos"))
                  .sort(["__qpos", RANK, SCORE], descending=[False, False, True], maintain_order=True))
         if self.variant_key:
-            frame = frame.with_columns(self.variant_keys(pl.col(self.variant_key)).alias("__variant"))
-            first = pl.int_range(pl.len()).over([QUERY_ID, "__variant"]) == 0
-            frame = frame.filter(pl.col("__variant").is_null() | first).drop("__variant")
+            # a key per distinct title (a title recurs across a batch's queries), joined back
+            keys = frame.select(pl.col(self.variant_key).unique())
+            keys = keys.with_columns(self.variant_keys(pl.col(self.variant_key)).alias("__variant"))
+            frame = frame.join(keys, on=self.variant_key, how="left", maintain_order="left", nulls_equal=True)
+            first = pl.struct(QUERY_ID, "__variant").is_first_distinct()  # rows are in display order
+            frame = frame.filter(pl.col("__variant").is_null() | first)
         if self.cap_column:
             seen = pl.int_range(pl.len()).over([QUERY_ID, self.cap_column])
             frame = frame.filter(pl.col(self.cap_column).is_null() | (seen < self.cap))
         frame = (frame.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over(QUERY_ID).alias(RANK))
-                 .filter(pl.col(RANK) <= self.n).drop("__qpos"))
-        return keep_input_types(frame.to_arrow(), table.schema)
+                 .filter(pl.col(RANK) <= self.n))
+        out = table.take(frame["__row"].to_arrow())
+        at = out.schema.get_field_index(RANK)
+        out = out.set_column(at, pa.field(RANK, pa.int32()), frame[RANK].to_arrow().cast(pa.int32()))
+        return keep_input_types(out, table.schema)
