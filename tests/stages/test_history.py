@@ -178,13 +178,9 @@ def test_conformance(artifacts, check):
 # -- next-item training data ------------------------------------------------------------------
 
 
-def test_next_item_targets_and_training_view_never_see_the_targets(tmp_path):
-    logs = pa.table({"user_id": ["u1", "u2", "u3"], "items": [["a", "b", "c"], ["a", "b"], ["x"]]})
-    queries, judgments, prior = next_item_targets(logs)
-    assert queries.to_pylist() == [{"query_id": "u1", "history": ["a", "b"]}, {"query_id": "u2", "history": ["a"]}]
-    assert judgments.column("item_id").to_pylist() == ["c", "b"]
-    assert prior.column("items").to_pylist() == [["a", "b"], ["a"]]
-
+def forward_association(logs: pa.Table, tmp_path):
+    """``logs`` written to ``tmp_path``, and a forward-only association index learned from them:
+    ``(build context, the recall stage, a pipeline of it over user queries)``."""
     pq.write_table(logs, tmp_path / "logs.parquet")
     ctx = BuildContext(PipelineConfig(stages=[], data={"logs": "logs.parquet"}, base_dir=tmp_path), progress=False,
                        log=lambda m: None)
@@ -192,6 +188,17 @@ def test_next_item_targets_and_training_view_never_see_the_targets(tmp_path):
     serving._base_dir = tmp_path
     serving.build(None, ctx)
     upstream = Pipeline([serving], inputs=pa.schema([("query_id", pa.string()), ("history", pa.list_(pa.string()))]))
+    return ctx, serving, upstream
+
+
+def test_next_item_targets_and_training_view_never_see_the_targets(tmp_path):
+    logs = pa.table({"user_id": ["u1", "u2", "u3"], "items": [["a", "b", "c"], ["a", "b"], ["x"]]})
+    queries, judgments, prior = next_item_targets(logs)
+    assert queries.to_pylist() == [{"query_id": "u1", "history": ["a", "b"]}, {"query_id": "u2", "history": ["a"]}]
+    assert judgments.column("item_id").to_pylist() == ["c", "b"]
+    assert prior.column("items").to_pylist() == [["a", "b"], ["a"]]
+
+    ctx, serving, upstream = forward_association(logs, tmp_path)
     q, j, view = next_item_training(upstream, ctx, tmp_path / "ranker" / "upstream")
     assert view.stages[0].resolve_path(view.stages[0].index) == tmp_path / "ranker" / "upstream" / "artifacts" / "assoc"
     out = view(q).to_pylist()
@@ -205,13 +212,7 @@ def test_next_item_targets_and_training_view_never_see_the_targets(tmp_path):
 
 def test_next_item_views_go_one_target_further_back_each_never_seen_by_their_artifacts(tmp_path):
     logs = pa.table({"user_id": ["u1", "u2", "u3"], "items": [["a", "b", "c", "d"], ["a", "b", "c"], ["x", "y"]]})
-    pq.write_table(logs, tmp_path / "logs.parquet")
-    ctx = BuildContext(PipelineConfig(stages=[], data={"logs": "logs.parquet"}, base_dir=tmp_path), progress=False,
-                       log=lambda m: None)
-    serving = AssociationRecall(index="artifacts/assoc", backward=0.0)
-    serving._base_dir = tmp_path
-    serving.build(None, ctx)
-    upstream = Pipeline([serving], inputs=pa.schema([("query_id", pa.string()), ("history", pa.list_(pa.string()))]))
+    ctx, serving, upstream = forward_association(logs, tmp_path)
     views = list(next_item_views(upstream, ctx, tmp_path / "ranker" / "upstream", views=5))
     assert len(views) == 3                                       # then no user has two items left
     targets = [dict(zip(j.column("query_id").to_pylist(), j.column("item_id").to_pylist())) for _, j, _ in views]
