@@ -137,5 +137,13 @@ def test_build_engine_ray_trains_the_local_engines_ranker(local_ray, tmp_path, m
     assert result.exit_code == 0, result.output
     assert "ranker training candidates on Ray" in result.output
     assert model.read_text() == local
+    # several targets per user: each training view's candidates on Ray too, the same model again
+    config.write_text(config.read_text().replace("max_train_queries = 300", "max_train_queries = 300, targets_per_user = 2"))
+    assert CliRunner().invoke(main, ["build", str(config), "--quiet"]).exit_code == 0
+    local_views = model.read_text()
+    result = CliRunner().invoke(main, ["build", str(config), "--quiet", "--force", "--engine", "ray"])
+    assert result.exit_code == 0, result.output
+    assert "(view 2: targets 1 step(s) before the last) on Ray" in result.output
+    assert model.read_text() == local_views != local
     bad = CliRunner().invoke(main, ["build", str(config), "--actors", "2"])
     assert bad.exit_code == 2 and "--address and --actors need --engine ray" in bad.output
