@@ -538,21 +538,17 @@ def next_item_views(upstream: Pipeline, ctx: BuildContext, folder: Path, views: 
     are each user's last item (artifacts under ``folder``), view ``v``'s the item ``v - 1`` steps
     before it, with artifacts rebuilt under ``folder-v`` from the logs before it, so no view's
     artifacts ever saw its own targets. Yields ``(queries, judgments, training upstream)`` per
-    view; a view with no user left (histories too short) ends the iteration."""
+    view; the views end early once no user has two items left (a history and a target)."""
     import dataclasses
 
-    logs = None
+    view_ctx = ctx
     for v in range(1, views + 1):
-        view_ctx = ctx if logs is None else BuildContext(
-            dataclasses.replace(ctx.config, data={**ctx.config.data, "logs": str(logs)}), force=ctx.force,
-            progress=ctx.progress, log=ctx.log)
         view_folder = folder if v == 1 else folder.with_name(f"{folder.name}-{v}")
-        if logs is not None:  # a user needs two items left: a history and a target
-            lengths = pc.list_value_length(pq.read_table(logs, columns=["items"]).column("items"))
-            if not pc.any(pc.greater_equal(pc.fill_null(lengths, 0), 2)).as_py():
-                return
         queries, judgments, view = next_item_training(upstream, view_ctx, view_folder)
-        if queries.num_rows == 0:
-            return
         yield queries, judgments, view
-        logs = view_folder / "prior_logs.parquet"
+        # the next view learns from this one's prior logs: its queries' histories
+        longest = pc.max(pc.list_value_length(queries.column(HISTORY))).as_py()
+        if longest is None or longest < 2:
+            return
+        view_ctx = dataclasses.replace(view_ctx, config=dataclasses.replace(
+            view_ctx.config, data={**view_ctx.config.data, "logs": str(view_folder / "prior_logs.parquet")}))
