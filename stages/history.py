@@ -24,7 +24,8 @@ from .association import (AssociationIndex, _is_int, _is_number, association_mem
 from .features import feature_column
 
 __all__ = ["HistoryFilter", "HistoryFeatures", "HISTORY_FEATURES", "DEFAULT_HISTORY_FEATURES", "next_item_training",
-           "next_item_views", "history_similarities", "query_histories", "item_groups"]
+           "next_item_views", "history_similarities", "query_histories", "item_groups", "build_groups",
+           "load_groups", "group_codes"]
 
 
 class HistoryFilter(Stage):
@@ -253,26 +254,7 @@ class HistoryFeatures(Stage):
         return f"{self.name}: {index.matrix.nnz} (item, next item) pairs among {len(index)} items in {folder}"
 
     def _build_groups(self, ctx: BuildContext) -> str:
-        from pipeline.data import read_catalog
-        from pipeline.runner import write_parquet_atomic
-
-        folder = self.resolve_path(self.groups)
-        catalog_path = ctx.data_path("catalog")
-        key = build_key(stage=self.name, artifact="groups", column=self.group_column, words=self.group_words,
-                        catalog=sha256_file(catalog_path))
-        what = f"stage '{self.name}' groups"
-        if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what=what).get("build_key") == key:
-            return f"{self.name}: groups up to date ({folder})"
-        table = item_groups(read_catalog(catalog_path, [self.group_column]), self.group_column, self.group_words)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / MANIFEST).unlink(missing_ok=True)
-        write_parquet_atomic(table, folder / GROUPS_FILE)
-        groups = len(table.column(GROUP).drop_null().unique())
-        write_json_atomic(folder / MANIFEST, {"kind": "item-groups", "build_key": key, "column": self.group_column,
-                                              "words": self.group_words, "catalog": str(catalog_path),
-                                              "items": table.num_rows, "groups": groups,
-                                              "files": {GROUPS_FILE: sha256_file(folder / GROUPS_FILE)}})
-        return f"{self.name}: {table.num_rows} items in {groups} groups ('{self.group_column}') in {folder}"
+        return build_groups(self.resolve_path(self.groups), ctx, self.group_column, self.group_words, who=self.name)
 
     def warm_up(self) -> None:
         super().warm_up()
@@ -385,8 +367,8 @@ class HistoryFeatures(Stage):
 
     def _groups(self, qcodes, lengths, flat_hist, items) -> dict[str, np.ndarray]:
         ids, codes = self.groups_
-        hist_group = _group_codes(flat_hist, ids, codes)
-        item_group = _group_codes(items, ids, codes)
+        hist_group = group_codes(flat_hist, ids, codes)
+        item_group = group_codes(items, ids, codes)
         rows, slot, back = self._pairs(qcodes, lengths)
         same = (hist_group[slot] == item_group[rows]) & (item_group[rows] >= 0)
         n = len(qcodes)
@@ -396,7 +378,7 @@ class HistoryFeatures(Stage):
         return {"group_share": share, "group_last": last}
 
 
-def _group_codes(values: pa.Array, ids: pa.Array, codes: np.ndarray) -> np.ndarray:
+def group_codes(values: pa.Array, ids: pa.Array, codes: np.ndarray) -> np.ndarray:
     """The group code of each item id (-1: unknown item or no group)."""
     at = lookup_positions(values, ids)
     return np.where(at >= 0, codes[np.maximum(at, 0)] if len(codes) else -1, -1)
@@ -415,6 +397,34 @@ def item_groups(catalog: pa.Table, column: str, words: int = 0) -> pa.Table:
         series = series.str.to_lowercase().str.extract_all(r"\w+").list.head(words).list.join(" ")
     series = series.replace("", None)
     return pa.table({ITEM_ID: catalog.column(ITEM_ID), GROUP: series.to_arrow().cast(pa.string())})
+
+
+def build_groups(folder: Path, ctx: BuildContext, column: str, words: int = 0, *, who: str) -> str:
+    """Write :func:`item_groups` of ``[data] catalog`` into ``folder`` (``groups.parquet`` and a
+    checksummed manifest); skipped when the catalog, ``column`` and ``words`` are unchanged.
+
+    Every stage that groups items (``features.history``, ``recall.group_popularity``) builds
+    through here with the same build key, so a folder they share is built once.
+    """
+    from pipeline.data import read_catalog
+    from pipeline.runner import write_parquet_atomic
+
+    catalog_path = ctx.data_path("catalog")
+    # the key names features.history, the first stage to build groups: folders built before stay up to date
+    key = build_key(stage=HistoryFeatures.name, artifact="groups", column=column, words=words,
+                    catalog=sha256_file(catalog_path))
+    what = f"stage '{who}' groups"
+    if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what=what).get("build_key") == key:
+        return f"{who}: groups up to date ({folder})"
+    table = item_groups(read_catalog(catalog_path, [column]), column, words)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    write_parquet_atomic(table, folder / GROUPS_FILE)
+    groups = len(table.column(GROUP).drop_null().unique())
+    write_json_atomic(folder / MANIFEST, {"kind": "item-groups", "build_key": key, "column": column, "words": words,
+                                          "catalog": str(catalog_path), "items": table.num_rows, "groups": groups,
+                                          "files": {GROUPS_FILE: sha256_file(folder / GROUPS_FILE)}})
+    return f"{who}: {table.num_rows} items in {groups} groups ('{column}') in {folder}"
 
 
 def load_groups(folder: Path, *, what: str) -> tuple[pa.Array, np.ndarray]:

@@ -371,14 +371,21 @@ class LightGBMRanker(Stage):
 
     def _check_memory(self, upstream: Pipeline, judgments_path, features: list[str], views: int = 1) -> None:
         """Stop before any work when the training rows cannot fit: at most one query per row of the
-        judgments/logs file (capped by ``max_train_queries``) and training view, each with as many
+        judgments file, or per user of the logs with enough items for each training view (view
+        ``v`` needs ``v + 1``), capped by ``max_train_queries`` per view, each with as many
         candidates as the widest recall stage's ``k``."""
-        queries = pq.ParquetFile(judgments_path).metadata.num_rows
+        if views > 1:
+            items = pq.read_table(judgments_path, columns=["items"]).column("items")
+            lengths = pc.fill_null(pc.list_value_length(items), 0).to_numpy(zero_copy_only=False)
+            per_view = [int((lengths >= v + 1).sum()) for v in range(1, views + 1)]
+        else:
+            per_view = [pq.ParquetFile(judgments_path).metadata.num_rows]
         if self.max_train_queries is not None:
-            queries = min(queries, self.max_train_queries)
+            per_view = [min(n, self.max_train_queries) for n in per_view]
+        queries = sum(per_view)
         k = max([s.k for s in upstream.stages if isinstance(getattr(s, "k", None), int)] or [100])
-        rows = queries * views * k
-        check_fits(self.name, f"training on up to {queries * views} queries x {k} candidates x {len(features)} features",
+        rows = queries * k
+        check_fits(self.name, f"training on up to {queries} queries x {k} candidates x {len(features)} features",
                    rows * (len(features) * BYTES_PER_VALUE + BYTES_PER_ROW), "max_train_queries", self.max_train_queries)
 
     def _write_training_shards(self, parts, valid_ids: pa.Array, features: list[str], work: Path, *,

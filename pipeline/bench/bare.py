@@ -9,17 +9,19 @@ purpose (they mirror ``stages/features.py``); ``funnel bench`` checks that both 
 top-N lists, so a drift shows up as ``agreement < 1`` in its report.
 
 Supported stage types: :data:`SUPPORTED` -- encode.sentence_transformers, recall.faiss,
-recall.popularity, recall.user_vector (recency-weighted sum of the history's stored vectors, one
-FAISS search), recall.association (the history's neighbour rows summed with recency weights in
-Polars), features.history (every feature, per (candidate, history item) pair in Polars and
-NumPy), recall.bm25 (bm25s' scores query by query, the query tokeniser written
-out again), recall.fused (its sources run as nested bare pipelines, fused with
-Polars), lookup.catalog, filter.rules (comparison, between, in/not_in with inline values,
-contains, is_null/not_null, any, negate), filter.history, features.text (every feature), features.item_stats,
-rank.lightgbm, display.topn (cap and variant key), display.mmr (greedy MMR in NumPy, query by
-query, vectors from the FAISS index file or the embedding column). :data:`NOT_COVERED` lists the built-in stage
-types it does not cover yet, with the reason; a test checks that every registered built-in type
-is in one of the two. Anything else raises :class:`Unsupported`.
+recall.popularity, recall.group_popularity (the history's group shares joined to each group's items
+by popularity in Polars), recall.user_vector (recency-weighted sum of the history's stored vectors,
+one FAISS search), recall.association (the history's neighbour rows summed with recency weights in
+Polars), features.history (every feature, per (candidate, history item) pair in Polars and NumPy),
+recall.bm25 (bm25s' scores query by query, the query tokeniser written out again), recall.fused (its
+sources run as nested bare pipelines, fused with Polars), lookup.catalog, filter.rules (comparison,
+between, in/not_in with inline values, contains, is_null/not_null, any, negate), filter.history,
+features.relative (Polars window expressions), features.text (every feature), features.item_stats,
+rank.lightgbm, display.topn (cap and variant key), display.mmr (greedy MMR in NumPy, query by query,
+vectors from the FAISS index file or the embedding column). :data:`NOT_COVERED` lists the built-in
+stage types it does not cover yet, with the reason; a test checks that every registered built-in
+type is in one of the two.
+Anything else raises :class:`Unsupported`.
 
 Use it alone to time the bare pipeline::
 
@@ -55,7 +57,7 @@ import pyarrow.parquet as pq
 __all__ = ["BarePipeline", "Unsupported", "SUPPORTED", "NOT_COVERED"]
 
 SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "recall.popularity", "recall.user_vector",
-             "recall.association", "features.history",
+             "recall.group_popularity", "recall.association", "features.history", "features.relative",
              "lookup.catalog", "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn",
              "display.mmr")
 #: Built-in stage types the baseline does not re-implement yet, and why: `funnel bench` then reports
@@ -412,6 +414,18 @@ class BarePipeline:
             ranked = (table.with_row_index("_pos").sort([by, "_pos"], descending=[True, False])
                       .select("item_id", pl.col(by).cast(pl.Float32).alias("score")))
             return {"ranked": ranked}
+        if kind == "recall.group_popularity":
+            by = p.get("by", "count")
+            pop = pl.read_parquet(self._path(p.get("index", "artifacts/popularity")) / "popularity.parquet")
+            groups = pl.read_parquet(self._path(p.get("groups", "artifacts/groups")) / "groups.parquet",
+                                     columns=["item_id", "group"]).filter(pl.col("group").is_not_null())
+            codes = groups.select("group").unique(maintain_order=True).with_row_index("_code")
+            groups = groups.join(codes, on="group").select("item_id", "_code")
+            items = (pop.with_row_index("_pos").join(groups, on="item_id")
+                     .sort(["_code", by, "_pos"], descending=[False, True, False]).with_row_index("_ipos")
+                     .select("item_id", "_code", pl.col(by).cast(pl.Float64).alias("_pop"), "_ipos",
+                             pl.int_range(pl.len()).over("_code").alias("_gpos")))
+            return {"items": items, "groups": groups}
         if kind == "lookup.catalog":
             columns = list(p.get("columns", ("title", "brand")))
             items = pl.read_parquet(self._path(p.get("items", "artifacts/items")) / "items.parquet",
@@ -514,6 +528,18 @@ class BarePipeline:
             df = (df.with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("_row").alias("rank"))
                   .filter(pl.col("rank") <= k).drop("_row", "_pos")
                   .with_columns(pl.lit(p.get("source", "popular")).alias("source")))
+        elif kind == "recall.group_popularity":
+            df = self._group_popularity(p, s, df)
+        elif kind == "features.relative":
+            exprs = []
+            for c in p.get("columns", ["f_score"]):
+                value = pl.col(c).cast(pl.Float64).fill_nan(None)
+                for kind_ in p.get("kinds", ["rel", "qrank"]):
+                    top = value.max().over("query_id")
+                    expr = (pl.when(top == 0).then(0.0).otherwise(value / top) if kind_ == "rel"
+                            else value.rank("min", descending=True).over("query_id"))
+                    exprs.append(expr.cast(pl.Float32).alias(f"{c}_{kind_}"))
+            df = df.with_columns(exprs)
         elif kind == "lookup.catalog":
             df = df.drop(s["columns"], strict=False).join(s["items"], on="item_id", how="left", maintain_order="left")
         elif kind == "filter.rules":
@@ -681,6 +707,34 @@ class BarePipeline:
         out = [feats[n].cast(pl.Float32).alias("f_" + n) for n in names]
         out += [df[c].cast(pl.Float32).alias("f_" + c) for c in copies]
         return df.drop([x.name for x in out], strict=False).with_columns(out)
+
+    def _group_popularity(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """Each user's groups weighted by recency (Polars group_by), joined to their items' popularity;
+        the user's own items anti-joined away, the ``k`` best by score then item position."""
+        k, hist_col, max_groups = p.get("k", 100), p.get("history_column", "history"), p.get("max_groups", 5)
+        queries = df.drop(["item_id", "score", "rank", "source"], strict=False).with_row_index("_row")
+        length = pl.col(hist_col).list.len().fill_null(0)
+        hist = (queries.select("_row", pl.col(hist_col).alias("_h"), length.alias("_n")).explode("_h")
+                .with_columns(pl.int_range(pl.len()).over("_row").alias("_i"))
+                .filter(pl.col("_i") < pl.col("_n"))
+                .with_columns(pl.lit(float(p.get("decay", 0.7))).pow(pl.col("_n") - 1 - pl.col("_i")).alias("_w")))
+        items = s["items"].with_columns(pl.col("item_id").cast(queries.schema[hist_col].inner, strict=False))
+        groups = s["groups"].with_columns(pl.col("item_id").cast(queries.schema[hist_col].inner, strict=False))
+        shares = (hist.join(groups.rename({"item_id": "_h"}), on="_h").group_by("_row", "_code").agg(pl.col("_w").sum())
+                  .join(hist.group_by("_row").agg(pl.col("_w").sum().alias("_t"), pl.col("_n").first()), on="_row")
+                  .with_columns((pl.col("_w") / pl.col("_t")).alias("_share"))
+                  .sort(["_row", "_share", "_code"], descending=[False, True, False]))
+        if max_groups is not None:
+            shares = shares.filter(pl.int_range(pl.len()).over("_row") < max_groups)
+        cand = (shares.join(items, on="_code").filter(pl.col("_gpos") < k + pl.col("_n"))
+                .with_columns((pl.col("_share") * pl.col("_pop")).alias("score")))
+        if p.get("exclude_history", True):
+            cand = cand.join(hist.select("_row", pl.col("_h").alias("item_id")), on=["_row", "item_id"], how="anti")
+        cand = (cand.sort(["_row", "score", "_ipos"], descending=[False, True, False])
+                .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).over("_row").alias("rank"))
+                .filter(pl.col("rank") <= k))
+        return (queries.join(cand.select("_row", "item_id", pl.col("score").cast(pl.Float32), "rank"), on="_row")
+                .sort(["_row", "rank"]).drop("_row").with_columns(pl.lit(p.get("source", "group")).alias("source")))
 
     def _association(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
         """Each known history item's neighbour list (the index's Parquet) scaled by its recency

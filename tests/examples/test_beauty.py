@@ -159,7 +159,7 @@ def test_sequence_variant_is_the_example_plus_the_sequence_model():
     assert [s.name for s in seq.stages] == [s.name for s in base.stages][:3] + ["features.sequence"] + \
         [s.name for s in base.stages][3:]
     sources = {name: pipe.stages[0] for name, _, pipe in seq.stages[0]._pipelines()}
-    assert set(sources) == {"assoc", "content", "popular", "sequence"}
+    assert set(sources) == {"assoc", "content", "popular", "brand", "sequence"}
     recall, feats = sources["sequence"], seq.stages[3]
     from stages.sequence import TRAIN_PARAMS
 

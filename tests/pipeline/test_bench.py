@@ -320,6 +320,55 @@ def test_bare_popularity_recall_returns_funnel_s_lists(tmp_path, exclude):
     assert got.rows() == want.rows()
 
 
+@pytest.mark.parametrize("exclude, max_groups", [(True, 2), (False, None)])
+def test_bare_group_popularity_recall_returns_funnel_s_lists(tmp_path, exclude, max_groups):
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from pipeline.build import build_artifacts
+    from pipeline.config import PipelineConfig, load_config
+
+    rng = np.random.default_rng(7)
+    items = [f"i{n}" for n in range(40)]
+    logs = pa.table({"user_id": [f"u{n}" for n in range(120)],
+                     "items": [[items[j] for j in rng.integers(0, 40, size=rng.integers(2, 9))] for _ in range(120)]})
+    pq.write_table(logs, tmp_path / "logs.parquet")
+    pq.write_table(pa.table({"item_id": items, "brand": [None if n % 9 == 0 else f"b{n % 5}" for n in range(40)]}),
+                   tmp_path / "catalog.parquet")
+    params = {"index": "artifacts/pop", "groups": "artifacts/groups", "k": 6, "decay": 0.5, "exclude_history": exclude,
+              "max_groups": max_groups}
+    PipelineConfig(stages=[{"type": "recall.group_popularity", "params": params}],
+                   data={"logs": "logs.parquet", "catalog": "catalog.parquet"},
+                   inputs={"query_id": "string", "history": "list<string>"}).save(tmp_path / "p.toml")
+    stage = build_artifacts(load_config(tmp_path / "p.toml"), progress=False, log=lambda m: None).stages[0]
+    stage.warm_up()
+    histories = [[items[j] for j in rng.integers(0, 40, size=rng.integers(1, 6))] for _ in range(15)]
+    histories += [["i1", "unknown", "i1"], ["unknown"], ["i0"], [], None]
+    queries = pa.table({"query_id": [f"q{n}" for n in range(len(histories))], "history": histories})
+    want = pl.from_arrow(stage(queries).select(["query_id", "item_id", "score", "rank", "source"]))
+    got = BarePipeline(tmp_path / "p.toml").run(queries).select(want.columns)
+    assert want.height > 60
+    assert got.drop("score").rows() == want.drop("score").rows()
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-6)
+
+
+def test_bare_relative_features_equal_funnel_s(tmp_path):
+    import polars as pl
+
+    from stages.relative import RelativeFeatures
+
+    rng = np.random.default_rng(8)
+    values = rng.normal(size=60).astype(np.float32)
+    values[::7] = np.nan
+    table = pa.table({"query_id": np.repeat([f"q{n}" for n in range(10)], 6), "item_id": [f"i{n}" for n in range(60)],
+                      "f_a": values, "f_b": np.abs(values.round(1)), "f_c": np.zeros(60, np.float32)})
+    config = tmp_path / "rel.toml"
+    config.write_text('[[stages]]\ntype = "features.relative"\nparams = { columns = ["f_a", "f_b", "f_c"] }\n')
+    want = pl.from_arrow(RelativeFeatures(columns=["f_a", "f_b", "f_c"])(table))
+    got = BarePipeline(config).run(table).select(want.columns)
+    assert got.equals(want)
+
+
 @pytest.mark.parametrize("exclude", [True, False])
 def test_bare_user_vector_recall_returns_funnel_s_lists(tmp_path, exclude):
     import polars as pl

@@ -98,3 +98,21 @@ def test_training_queries_are_sampled_by_a_stable_hash():
     assert sample_queries(queries, None, seed=0) is queries and sample_queries(queries, 5000, seed=0) is queries
     with pytest.raises(Exception, match="max_train_queries"):
         LightGBMRanker(max_train_queries=0).validate_params()
+
+
+@pytest.mark.parametrize("max_train_queries, queries", [(None, 6), (2, 5)])
+def test_memory_estimate_counts_the_users_each_training_view_can_use(tmp_path, monkeypatch, max_train_queries, queries):
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+
+    from pipeline.build import MEMORY_ENV
+    from pipeline.errors import ConfigError
+
+    # view 1 needs 2 items (3 users), view 2 needs 3 (2 users), view 3 needs 4 (1 user)
+    pq.write_table(pa.table({"user_id": ["a", "b", "c", "d"], "items": [["x", "y"], ["x", "y", "z"], ["x", "y", "z", "w"], ["x"]]}),
+                   tmp_path / "logs.parquet")
+    monkeypatch.setenv(MEMORY_ENV, "1KB")
+    stage = LightGBMRanker(targets_per_user=3, max_train_queries=max_train_queries)
+    with pytest.raises(ConfigError, match=f"training on up to {queries} queries x 10 candidates x 2 features"):
+        stage._check_memory(SimpleNamespace(stages=[SimpleNamespace(k=10)]), tmp_path / "logs.parquet", ["f_a", "f_b"], views=3)
