@@ -186,6 +186,14 @@ class PopularityRecall(Stage):
         return candidates_table(table, rows, self.ranked_.take(pa.array(cols, pa.int64())), self.scores_[cols], self.source)
 
 
+def _rank_within(keys: np.ndarray) -> np.ndarray:
+    """0, 1, 2 ... within each run of equal values of sorted ``keys``."""
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    first = np.r_[True, keys[1:] != keys[:-1]]
+    return np.arange(len(keys)) - np.maximum.accumulate(np.where(first, np.arange(len(keys)), 0))
+
+
 class GroupPopularityRecall(Stage):
     """Recall the most popular items of the groups — brands, categories — the user's history is in.
 
@@ -317,10 +325,8 @@ class GroupPopularityRecall(Stage):
         share = share / total[pair_user] if len(pairs) else share
         order = np.lexsort((pair_group, -share, pair_user))
         pair_user, pair_group, share = pair_user[order], pair_group[order], share[order]
-        if self.max_groups is not None and len(order):
-            first = np.r_[True, pair_user[1:] != pair_user[:-1]]
-            rank = np.arange(len(order)) - np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
-            top = rank < self.max_groups
+        if self.max_groups is not None:
+            top = _rank_within(pair_user) < self.max_groups
             pair_user, pair_group, share = pair_user[top], pair_group[top], share[top]
         # each pair offers its group's most popular items: enough for k after dropping the history
         start = self.starts_[pair_group]
@@ -335,9 +341,7 @@ class GroupPopularityRecall(Stage):
             rows, item, score = rows[~mine], item[~mine], score[~mine]
         order = np.lexsort((item, -score, rows))
         rows, item, score = rows[order], item[order], score[order]
-        if len(rows):
-            first = np.r_[True, rows[1:] != rows[:-1]]
-            rank = np.arange(len(rows)) - np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))
-            rows, item, score = rows[rank < k], item[rank < k], score[rank < k]
+        top = _rank_within(rows) < k
+        rows, item, score = rows[top], item[top], score[top]
         return candidates_table(table, rows, self.items_.take(pa.array(item, pa.int64())), score.astype(np.float32),
                                 self.source)

@@ -320,19 +320,38 @@ def test_bare_popularity_recall_returns_funnel_s_lists(tmp_path, exclude):
     assert got.rows() == want.rows()
 
 
+def random_logs(rng, folder) -> list[str]:
+    """120 users' random sequences over 40 items (i0 ... i39) written to ``folder``/logs.parquet; the items."""
+    import pyarrow.parquet as pq
+
+    items = [f"i{n}" for n in range(40)]
+    pq.write_table(pa.table({"user_id": [f"u{n}" for n in range(120)],
+                             "items": [[items[j] for j in rng.integers(0, 40, size=rng.integers(2, 9))] for _ in range(120)]}),
+                   folder / "logs.parquet")
+    return items
+
+
+def assert_bare_recall_matches(stage, config, histories, min_rows: int) -> None:
+    """The bare baseline of ``config`` recalls what ``stage`` does for these histories (scores to 1e-6)."""
+    import polars as pl
+
+    queries = pa.table({"query_id": [f"q{n}" for n in range(len(histories))], "history": histories})
+    want = pl.from_arrow(stage(queries).select(["query_id", "item_id", "score", "rank", "source"]))
+    got = BarePipeline(config).run(queries).select(want.columns)
+    assert want.height > min_rows
+    assert got.drop("score").rows() == want.drop("score").rows()
+    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-6)
+
+
 @pytest.mark.parametrize("exclude, max_groups", [(True, 2), (False, None)])
 def test_bare_group_popularity_recall_returns_funnel_s_lists(tmp_path, exclude, max_groups):
-    import polars as pl
     import pyarrow.parquet as pq
 
     from pipeline.build import build_artifacts
     from pipeline.config import PipelineConfig, load_config
 
     rng = np.random.default_rng(7)
-    items = [f"i{n}" for n in range(40)]
-    logs = pa.table({"user_id": [f"u{n}" for n in range(120)],
-                     "items": [[items[j] for j in rng.integers(0, 40, size=rng.integers(2, 9))] for _ in range(120)]})
-    pq.write_table(logs, tmp_path / "logs.parquet")
+    items = random_logs(rng, tmp_path)
     pq.write_table(pa.table({"item_id": items, "brand": [None if n % 9 == 0 else f"b{n % 5}" for n in range(40)]}),
                    tmp_path / "catalog.parquet")
     params = {"index": "artifacts/pop", "groups": "artifacts/groups", "k": 6, "decay": 0.5, "exclude_history": exclude,
@@ -344,12 +363,7 @@ def test_bare_group_popularity_recall_returns_funnel_s_lists(tmp_path, exclude, 
     stage.warm_up()
     histories = [[items[j] for j in rng.integers(0, 40, size=rng.integers(1, 6))] for _ in range(15)]
     histories += [["i1", "unknown", "i1"], ["unknown"], ["i0"], [], None]
-    queries = pa.table({"query_id": [f"q{n}" for n in range(len(histories))], "history": histories})
-    want = pl.from_arrow(stage(queries).select(["query_id", "item_id", "score", "rank", "source"]))
-    got = BarePipeline(tmp_path / "p.toml").run(queries).select(want.columns)
-    assert want.height > 60
-    assert got.drop("score").rows() == want.drop("score").rows()
-    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-6)
+    assert_bare_recall_matches(stage, tmp_path / "p.toml", histories, min_rows=60)
 
 
 def test_bare_relative_features_equal_funnel_s(tmp_path):
@@ -432,17 +446,11 @@ def test_bare_mmr_display_shows_funnel_s_lists(tmp_path, source):
 
 @pytest.mark.parametrize("exclude", [True, False])
 def test_bare_association_recall_returns_funnel_s_lists(tmp_path, exclude):
-    import polars as pl
-    import pyarrow.parquet as pq
-
     from pipeline.build import build_artifacts
     from pipeline.config import PipelineConfig, load_config
 
     rng = np.random.default_rng(4)
-    items = [f"i{n}" for n in range(40)]
-    logs = pa.table({"user_id": [f"u{n}" for n in range(120)],
-                     "items": [[items[j] for j in rng.integers(0, 40, size=rng.integers(2, 9))] for _ in range(120)]})
-    pq.write_table(logs, tmp_path / "logs.parquet")
+    items = random_logs(rng, tmp_path)
     params = {"index": "artifacts/assoc", "k": 8, "recency": 0.6, "exclude_history": exclude, "beta": 0.4}
     PipelineConfig(stages=[{"type": "recall.association", "params": params}], data={"logs": "logs.parquet"},
                    inputs={"query_id": "string", "history": "list<string>"}).save(tmp_path / "p.toml")
@@ -450,12 +458,7 @@ def test_bare_association_recall_returns_funnel_s_lists(tmp_path, exclude):
     stage.warm_up()
     histories = [[items[j] for j in rng.integers(0, 40, size=rng.integers(1, 5))] for _ in range(15)]
     histories += [["i1", "unknown", "i1"], ["unknown"], [], None]
-    queries = pa.table({"query_id": [f"q{n}" for n in range(len(histories))], "history": histories})
-    want = pl.from_arrow(stage(queries).select(["query_id", "item_id", "score", "rank", "source"]))
-    got = BarePipeline(tmp_path / "p.toml").run(queries).select(want.columns)
-    assert want.height > 100
-    assert got.drop("score").rows() == want.drop("score").rows()
-    np.testing.assert_allclose(got["score"].to_numpy(), want["score"].to_numpy(), rtol=1e-6)
+    assert_bare_recall_matches(stage, tmp_path / "p.toml", histories, min_rows=100)
 
 
 def test_bare_history_features_equal_funnel_s(tmp_path):
@@ -468,10 +471,7 @@ def test_bare_history_features_equal_funnel_s(tmp_path):
     from stages.history import HistoryFeatures
 
     rng = np.random.default_rng(5)
-    items = [f"i{n}" for n in range(40)]
-    logs = pa.table({"user_id": [f"u{n}" for n in range(120)],
-                     "items": [[items[j] for j in rng.integers(0, 40, size=rng.integers(2, 9))] for _ in range(120)]})
-    pq.write_table(logs, tmp_path / "logs.parquet")
+    items = random_logs(rng, tmp_path)
     for kind, folder in (("recall.association", "artifacts/association"), ("recall.popularity", "artifacts/popularity")):
         PipelineConfig(stages=[{"type": kind, "params": {"index": folder}}], data={"logs": "logs.parquet"},
                        inputs={"query_id": "string", "history": "list<string>"}).save(tmp_path / "p.toml")
