@@ -150,12 +150,12 @@ def test_beauty_subset_leave_one_out(tmp_path):
 
 
 def test_sequence_variant_is_the_example_plus_the_sequence_model():
-    """pipeline-sequence.toml builds (schemas checked), adds the sequence source and features to
-    pipeline.toml and shares one model folder and one set of training parameters between them."""
+    """pipeline.toml builds (schemas checked), is pipeline-no-sequence.toml plus the sequence source
+    and features, and shares one model folder and one set of training parameters between them."""
     from pipeline.config import load_config
 
-    base = load_config(EXAMPLE / "pipeline.toml").build()
-    seq = load_config(EXAMPLE / "pipeline-sequence.toml").build()
+    base = load_config(EXAMPLE / "pipeline-no-sequence.toml").build()
+    seq = load_config(EXAMPLE / "pipeline.toml").build()
     assert [s.name for s in seq.stages] == [s.name for s in base.stages][:3] + ["features.sequence"] + \
         [s.name for s in base.stages][3:]
     sources = {name: pipe.stages[0] for name, _, pipe in seq.stages[0]._pipelines()}
