@@ -96,6 +96,14 @@ class LightGBMRanker(Stage):
     ``funnel build --engine ray`` generates the training candidates on Ray Data actors (the
     ``funnel run --engine ray`` path); the model is the same.
 
+    **Sampled negatives.** ``max_negatives = n`` keeps, of each training query's candidates,
+    every positive and at most ``n`` negatives drawn uniformly (seeded, per batch); the
+    validation queries that drive early stopping keep their whole lists. A lambdarank model
+    learns from pairs of a positive and a negative, so with deep candidate lists (hundreds per
+    query, one target) most rows add little: on the Beauty example ``n = 100`` of 400 trained a
+    ranker as good as all rows (leave-one-out Recall@10 0.1402 against 0.1392) in half the time.
+    The memory estimate counts ``n + 1`` rows per training query.
+
     **More targets per user** (next-item training from logs): ``targets_per_user = n`` trains on
     each user's last ``n`` items as targets, each with artifacts that never saw it (see
     :meth:`build`); with one target per user a small shop leaves the ranker few positives.
@@ -137,7 +145,8 @@ class LightGBMRanker(Stage):
                  label_scale: float = 3.0, relevance_offset: float = 1.0, seed: int = 0, device: str = "auto",
                  explain: int = 0, train_device: str = "cpu", truncation_level: int = 30,
                  feature_fraction: float = 1.0, bagging_fraction: float = 1.0,
-                 max_train_queries: int | None = 100_000, targets_per_user: int = 1):
+                 max_train_queries: int | None = 100_000, targets_per_user: int = 1,
+                 max_negatives: int | None = None):
         self.model = model
         self.num_threads = num_threads
         self.n_estimators = n_estimators
@@ -158,6 +167,7 @@ class LightGBMRanker(Stage):
         self.bagging_fraction = bagging_fraction
         self.max_train_queries = max_train_queries
         self.targets_per_user = targets_per_user
+        self.max_negatives = max_negatives
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -204,6 +214,9 @@ class LightGBMRanker(Stage):
         if not isinstance(self.targets_per_user, int) or isinstance(self.targets_per_user, bool) \
                 or self.targets_per_user < 1:
             raise self._bad_param("targets_per_user", "an int >= 1 (training targets per user, from logs)")
+        if self.max_negatives is not None and (not isinstance(self.max_negatives, int)
+                                               or isinstance(self.max_negatives, bool) or self.max_negatives < 1):
+            raise self._bad_param("max_negatives", "None (every candidate) or an int >= 1 (negatives kept per training query)")
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -305,7 +318,8 @@ class LightGBMRanker(Stage):
         folder = self.resolve_path(self.model)
         from_logs = "judgments" not in ctx.config.data and "logs" in ctx.config.data
         judgments_path = ctx.data_path("logs" if from_logs else "judgments")
-        skip = {"model", "device", "num_threads"} | ({"targets_per_user"} if self.targets_per_user == 1 else set())
+        skip = ({"model", "device", "num_threads"} | ({"targets_per_user"} if self.targets_per_user == 1 else set())
+                | ({"max_negatives"} if self.max_negatives is None else set()))
         train_params = {k: v for k, v in self.get_params().items() if k not in skip}
         key = build_key(stage=self.name, params=train_params, judgments=sha256_file(judgments_path),
                         upstream=upstream_key(upstream))
@@ -373,7 +387,7 @@ class LightGBMRanker(Stage):
         """Stop before any work when the training rows cannot fit: at most one query per row of the
         judgments file, or per user of the logs with enough items for each training view (view
         ``v`` needs ``v + 1``), capped by ``max_train_queries`` per view, each with as many
-        candidates as the widest recall stage's ``k``."""
+        candidates as the widest recall stage's ``k`` (training queries at most ``max_negatives + 1``)."""
         if views > 1:
             items = pq.read_table(judgments_path, columns=["items"]).column("items")
             lengths = pc.fill_null(pc.list_value_length(items), 0).to_numpy(zero_copy_only=False)
@@ -385,6 +399,9 @@ class LightGBMRanker(Stage):
         queries = sum(per_view)
         k = max([s.k for s in upstream.stages if isinstance(getattr(s, "k", None), int)] or [100])
         rows = queries * k
+        if self.max_negatives is not None:  # sampled training lists; the validation share keeps all
+            valid = int(per_view[0] * self.valid_fraction)
+            rows = (queries - valid) * min(k, self.max_negatives + 1) + valid * k
         check_fits(self.name, f"training on up to {queries} queries x {k} candidates x {len(features)} features",
                    rows * (len(features) * BYTES_PER_VALUE + BYTES_PER_ROW), "max_train_queries", self.max_train_queries)
 
@@ -407,14 +424,18 @@ class LightGBMRanker(Stage):
         work.mkdir(parents=True)
         shards = {"train": _Shards(work, "train"), "valid": _Shards(work, "valid")}
         n_queries = n_views = 0
+        batches = 0
         for view, (upstream, train_q, judgments) in enumerate(parts, start=1):
             rel = pl.from_arrow(judgments.select([QUERY_ID, ITEM_ID, RELEVANCE])).unique([QUERY_ID, ITEM_ID])
 
             def add(cands: pa.Table) -> None:
+                nonlocal batches
                 rows = self._labelled_rows(cands, rel, features, from_logs=from_logs)
                 is_valid = pc.is_in(rows.column(QUERY_ID), pc.cast(valid_ids, rows.schema.field(QUERY_ID).type))
                 shards["valid"].add(rows.filter(is_valid), write_parquet_atomic)
-                shards["train"].add(rows.filter(pc.invert(is_valid)), write_parquet_atomic)
+                train = self._sample_negatives(rows.filter(pc.invert(is_valid)), np.random.default_rng([self.seed, batches]))
+                shards["train"].add(train, write_parquet_atomic)
+                batches += 1
 
             desc = "ranker training candidates" + (f" (view {view}: targets {view - 1} step(s) before the last)"
                                                    if view > 1 else "")
@@ -442,6 +463,17 @@ class LightGBMRanker(Stage):
                 part.flush(write_parquet_atomic)
             n_queries, n_views = n_queries + train_q.num_rows, view
         return {**shards, "queries": n_queries, "views": n_views}
+
+    def _sample_negatives(self, rows: pa.Table, rng: np.random.Generator) -> pa.Table:
+        """``rows`` (grouped by query) with every positive and at most ``max_negatives`` random
+        negatives per query, in their order."""
+        if self.max_negatives is None or rows.num_rows == 0:
+            return rows
+        frame = pl.from_arrow(rows.select([QUERY_ID, LABEL])).with_columns(
+            pl.Series("__u", rng.random(rows.num_rows)), (pl.col(LABEL) > 0).alias("__pos"))
+        keep = frame.select(pl.col("__pos") | (pl.col("__u").rank("ordinal").over([QUERY_ID, "__pos"])
+                                                <= self.max_negatives))
+        return rows.filter(keep.to_series().to_arrow())
 
     def _labelled_rows(self, cands: pa.Table, rel: pl.DataFrame, features: list[str], *, from_logs: bool) -> pa.Table:
         """One batch's candidates as training rows: query id, label, features (in candidate order)."""

@@ -117,6 +117,13 @@ def test_ranker_trains_on_several_targets_per_user_each_view_with_its_own_artifa
     for view in ("upstream", "upstream-2", "upstream-3"):
         assert (tmp_path / "artifacts" / "ranker" / view / "artifacts" / "assoc" / "manifest.json").exists()
     assert "view 3: targets 2 step(s) before the last" in result.output
+    # sampled negatives: every training query keeps its target and at most 3 other candidates
+    config.write_text(text.replace("max_train_queries = 1000", "max_train_queries = 1000, targets_per_user = 3, max_negatives = 3"))
+    result = CliRunner().invoke(main, ["build", str(config)])
+    assert result.exit_code == 0 and "rank.lightgbm: trained" in result.output, result.output
+    sampled = json.loads((tmp_path / "artifacts" / "ranker" / "manifest.json").read_text())
+    assert sampled["train_queries"] == three["train_queries"] and sampled["train_rows"] <= 4 * sampled["train_queries"]
+    assert sampled["train_rows"] < three["train_rows"]
 
 
 def test_memory_figures():

@@ -14,7 +14,7 @@ from pipeline.config import load_config
 from pipeline.stage import Pipeline
 
 from stages.features import TextMatchFeatures
-from stages.lightgbm import LightGBMRanker, _group_sizes, rerank
+from stages.lightgbm import LABEL, LightGBMRanker, _group_sizes, rerank
 
 
 def test_trained_model_is_lightgbm_text_with_manifest(demo_shop):
@@ -77,6 +77,8 @@ def test_bad_training_params_fail_at_composition():
         LightGBMRanker(holdout_fraction=1.5).validate_params()
     with pytest.raises(Exception, match="'truncation_level' parameter of stage 'rank.lightgbm'"):
         LightGBMRanker(truncation_level=0).validate_params()
+    with pytest.raises(Exception, match="'max_negatives' parameter of stage 'rank.lightgbm'"):
+        LightGBMRanker(max_negatives=0).validate_params()
 
 
 def test_truncation_level_reaches_lightgbm(demo_shop):
@@ -116,3 +118,39 @@ def test_memory_estimate_counts_the_users_each_training_view_can_use(tmp_path, m
     stage = LightGBMRanker(targets_per_user=3, max_train_queries=max_train_queries)
     with pytest.raises(ConfigError, match=f"training on up to {queries} queries x 10 candidates x 2 features"):
         stage._check_memory(SimpleNamespace(stages=[SimpleNamespace(k=10)]), tmp_path / "logs.parquet", ["f_a", "f_b"], views=3)
+
+
+def test_sampled_negatives_keep_every_positive_and_the_query_order():
+    rng = np.random.default_rng(0)
+    qids = np.repeat(["q3", "q1", "q2"], [50, 3, 20])
+    labels = np.zeros(len(qids), np.int32)
+    labels[[0, 7, 49, 51, 60]] = [1, 2, 1, 1, 3]
+    rows = pa.table({"query_id": qids, LABEL: labels, "f_a": rng.random(len(qids)).astype(np.float32)})
+    out = LightGBMRanker(max_negatives=5)._sample_negatives(rows, np.random.default_rng(1))
+    got = out.to_pandas().rename(columns={LABEL: "label"})
+    assert list(dict.fromkeys(got["query_id"])) == ["q3", "q1", "q2"]                    # groups stay contiguous, in order
+    assert (got.groupby("query_id", sort=False)["label"].apply(lambda x: (x == 0).sum()).to_dict()
+            == {"q3": 5, "q1": 2, "q2": 5})                                              # q1 has only 2 negatives
+    assert got["label"].sum() == labels.sum()                                           # every positive kept
+    assert set(got["f_a"]) <= set(rows.column("f_a").to_pylist())
+    assert np.all(np.diff([list(rows.column("f_a").to_pylist()).index(v) for v in got["f_a"]]) > 0)  # row order kept
+    again = LightGBMRanker(max_negatives=5)._sample_negatives(rows, np.random.default_rng(1))
+    assert again.equals(out)
+    assert LightGBMRanker()._sample_negatives(rows, np.random.default_rng(1)) is rows
+
+
+def test_memory_estimate_counts_sampled_negatives(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+
+    import stages.lightgbm as module
+
+    pq.write_table(pa.table({"query_id": [f"q{i}" for i in range(100)], "item_id": ["x"] * 100}), tmp_path / "j.parquet")
+    seen = []
+    monkeypatch.setattr(module, "check_fits", lambda stage, what, estimate, *a: seen.append(estimate))
+    upstream = SimpleNamespace(stages=[SimpleNamespace(k=400)])
+    for negatives in (None, 9):
+        LightGBMRanker(max_negatives=negatives, valid_fraction=0.2)._check_memory(upstream, tmp_path / "j.parquet", ["f_a"])
+    per_row = module.BYTES_PER_VALUE + module.BYTES_PER_ROW
+    assert seen == [100 * 400 * per_row, (80 * 10 + 20 * 400) * per_row]  # validation queries (20%) keep all
