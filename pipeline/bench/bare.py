@@ -8,7 +8,8 @@ library call on NumPy arrays and Polars frames. Feature expressions are written 
 purpose (they mirror ``stages/features.py``); ``funnel bench`` checks that both give the same
 top-N lists, so a drift shows up as ``agreement < 1`` in its report.
 
-Supported stage types: :data:`SUPPORTED` -- encode.sentence_transformers, recall.faiss,
+Supported stage types: :data:`SUPPORTED` -- query.spelling (SymSpell lookups over the stored catalog
+words, the selection rule written out again), encode.sentence_transformers, recall.faiss,
 recall.popularity, recall.group_popularity (the history's group shares joined to each group's items
 by popularity in Polars), recall.user_vector (recency-weighted sum of the history's stored vectors,
 one FAISS search), recall.association (the history's neighbour rows summed with recency weights in
@@ -59,7 +60,7 @@ __all__ = ["BarePipeline", "Unsupported", "SUPPORTED", "NOT_COVERED"]
 SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "recall.popularity", "recall.user_vector",
              "recall.group_popularity", "recall.association", "features.history", "features.relative",
              "lookup.catalog", "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn",
-             "display.mmr")
+             "display.mmr", "query.spelling")
 #: Built-in stage types the baseline does not re-implement yet, and why: `funnel bench` then reports
 #: no overhead_ratio for a config that uses them (it says which type stopped it).
 _NEW = "added in the same change as the baseline's coverage of the others; its bare version is not written yet"
@@ -245,6 +246,53 @@ _VARIANT_PATTERN = (r"\b\d+(?:[./-]\d+)*\s*-?\s*(?:" + "|".join(_SIZE_UNITS) + r
                     r"|\b(?:" + "|".join(c.replace("-", r"\-") for c in _COLOURS) + r")\b|\bx\b")
 
 
+def _spelling(folder: Path, p: dict) -> dict:
+    """query.spelling's corrector over its stored word counts (SymSpell, Snowball stems), written out again."""
+    import Stemmer
+    from symspellpy import SymSpell, Verbosity
+
+    words = pl.read_parquet(folder / "words.parquet")
+    counts = dict(zip(words["word"].to_list(), words["count"].to_list()))
+    min_len, min_count, max_edits = p.get("min_length", 4), p.get("min_count", 3), p.get("max_edit_distance", 2)
+    stemmer = p.get("stemmer", "english")
+    stem = Stemmer.Stemmer(stemmer).stemWord if stemmer else None
+    stems = {stem(w) for w in counts} if stem else set()
+    sym = SymSpell(max_dictionary_edit_distance=max_edits, prefix_length=7)
+    for w in words.filter((pl.col("count") >= min_count) & (pl.col("word").str.len_chars() >= min_len)).head(
+            p.get("max_words", 200_000))["word"].to_list():
+        sym.create_dictionary_entry(w, counts[w])
+    for unit, canonical in _UNITS.items():
+        n = max(counts.get(unit, 0), counts.get(canonical, 0))
+        if len(unit) >= min_len and n >= min_count and unit not in sym.words:
+            sym.create_dictionary_entry(unit, n)
+    split_compounds, memo = p.get("split_compounds", True), {}
+
+    def word(w: str) -> str:
+        if len(w) < min_len or w in counts or w in _UNITS or (stem and stem(w) in stems):
+            return w
+        found = [c for c in sym.lookup(w, Verbosity.ALL, max_edit_distance=1 if len(w) <= 5 else max_edits)
+                 if c.count >= min_count and (c.term[0] == w[0] or c.distance == 1)]
+        best = min(found, key=lambda c: (c.distance, c.term[0] != w[0], -c.count, c.term)) if found else None
+        split = None
+        for i in range(3, len(w) - 2) if split_compounds else ():
+            rarer = min(counts.get(w[:i], 0), counts.get(w[i:], 0))
+            if rarer >= min_count and (split is None or rarer > split[0]):
+                split = (rarer, f"{w[:i]} {w[i:]}")
+        if split and (best is None or best.distance >= 2 or split[0] * 10 >= best.count):
+            return split[1]
+        return best.term if best else w
+
+    def fix(m: re.Match) -> str:
+        typed = m.group(0)
+        w = typed.lower()
+        if w not in memo:
+            memo[w] = word(w)
+        return typed if memo[w] == w else memo[w]
+
+    return {"correct": lambda text: _SPELL_WORD.sub(fix, text)}
+
+
+_SPELL_WORD = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]+(?![A-Za-z0-9])")
 _OPS = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge}
 
 
@@ -445,6 +493,8 @@ class BarePipeline:
                     "stems": bool({"stem_overlap", "stem_coverage"} & set(names)), "stemmer": Stemmer.Stemmer("english"),
                     "mentions": sorted({p.get(*_MENTION[n]) for n in names if n in _MENTION}),
                     "exprs": [e for n in names for e in _feature(n, p)]}
+        if kind == "query.spelling":
+            return _spelling(self._path(p.get("vocabulary", "artifacts/spelling")), p)
         if kind == "features.item_stats":
             folder = self._path(p.get("stats", "artifacts/item_stats"))
             names = json.loads((folder / "manifest.json").read_text())["features"]
@@ -477,7 +527,13 @@ class BarePipeline:
     def _step(self, kind: str, p: dict, s: dict, df: pl.DataFrame, emb):
         import torch
 
-        if kind == "encode.sentence_transformers":
+        if kind == "query.spelling":
+            col, original = p.get("text_column", "query"), p.get("original_column", "query_original")
+            fixed = {q: s["correct"](q) for q in df[col].drop_nulls().unique().to_list()}
+            if original and original not in df.columns:
+                df = df.with_columns(pl.col(col).alias(original))
+            df = df.with_columns(pl.col(col).replace_strict(fixed, default=None, return_dtype=pl.String))
+        elif kind == "encode.sentence_transformers":
             precision = p.get("precision", "fp32")
             ctx = (contextlib.nullcontext() if precision == "fp32" or s["device"] == "cpu" else
                    torch.autocast(s["device"], dtype=torch.bfloat16 if precision == "bf16" else torch.float16))

@@ -144,6 +144,10 @@ catalog = "data/catalog.parquet"
 judgments = "data/judgments.parquet"
 
 [[stages]]
+type = "query.spelling"
+params = { vocabulary = "artifacts/spelling", min_count = 2 }
+
+[[stages]]
 type = "recall.fused"
 [stages.params]
 method = "rrf"
@@ -185,8 +189,8 @@ params = { n = 20, variant_key = "title", cap_column = "brand", cap = 5 }
 
 @pytest.mark.slow
 def test_bare_baseline_of_a_fused_lexical_pipeline_returns_the_same_lists(tmp_path):
-    """recall.fused over two BM25 sources, every text feature, item statistics and variant collapse:
-    the bare baseline runs it (nothing skipped) and agrees with Funnel on every query."""
+    """Spelling correction, recall.fused over two BM25 sources, every text feature, item statistics and
+    variant collapse: the bare baseline runs it (nothing skipped) and agrees with Funnel on every query."""
     from pipeline.build import build_artifacts
     from pipeline.config import load_config
     from pipeline.demo_data import generate_demo_data
