@@ -107,6 +107,15 @@ class LightGBMRanker(Stage):
     measure before keeping it.
     The memory estimate counts ``n + 1`` rows per training query.
 
+    **Gains of graded labels.** Relevance becomes an integer label,
+    ``round((relevance - relevance_offset) * label_scale)`` (0..6 for Home Depot's 1..3 in
+    thirds). LightGBM's lambdarank weighs label ``l`` by the gain ``2**l - 1`` (0, 1, 3, 7, 15,
+    31, 63), far steeper than an evaluation whose gain is ``relevance - 1`` (0 .. 2, linear).
+    ``label_gain`` sets the gain of each label (``label_gain[l]``, non-negative, non-decreasing,
+    one entry per label at least). On Home Depot ``2**(l/3) - 1`` (0, 0.26, 0.59, 1, 1.52, 2.17,
+    3) gave NDCG@10 0.4408 against 0.4388 on average over three seeds (+0.002, about the spread
+    between seeds). It changes what early stopping's validation NDCG@10 means too.
+
     **More targets per user** (next-item training from logs): ``targets_per_user = n`` trains on
     each user's last ``n`` items as targets, each with artifacts that never saw it (see
     :meth:`build`); with one target per user a small shop leaves the ranker few positives.
@@ -149,7 +158,7 @@ class LightGBMRanker(Stage):
                  explain: int = 0, train_device: str = "cpu", truncation_level: int = 30,
                  feature_fraction: float = 1.0, bagging_fraction: float = 1.0,
                  max_train_queries: int | None = 100_000, targets_per_user: int = 1,
-                 max_negatives: int | None = None):
+                 max_negatives: int | None = None, label_gain: list[float] | None = None):
         self.model = model
         self.num_threads = num_threads
         self.n_estimators = n_estimators
@@ -171,6 +180,7 @@ class LightGBMRanker(Stage):
         self.max_train_queries = max_train_queries
         self.targets_per_user = targets_per_user
         self.max_negatives = max_negatives
+        self.label_gain = label_gain
 
     # -- schema ------------------------------------------------------------------------------
 
@@ -220,6 +230,12 @@ class LightGBMRanker(Stage):
         if self.max_negatives is not None and (not isinstance(self.max_negatives, int)
                                                or isinstance(self.max_negatives, bool) or self.max_negatives < 1):
             raise self._bad_param("max_negatives", "None (every candidate) or an int >= 1 (negatives kept per training query)")
+        gains = self.label_gain
+        if gains is not None and not (isinstance(gains, (list, tuple)) and len(gains) >= 2
+                                      and all(isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0 for g in gains)
+                                      and all(a <= b for a, b in zip(gains, gains[1:]))):
+            raise self._bad_param("label_gain", "None (LightGBM's 2**label - 1) or a non-decreasing list of numbers >= 0, "
+                                                "one per label")
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -314,15 +330,14 @@ class LightGBMRanker(Stage):
         log-learned artifacts (association counts, popularity: seconds each; a sequence model:
         its training time each). Early stopping is judged on the last items only.
         """
-        import lightgbm as lgb
-
         if upstream is None:
             raise DataError(f"stage '{self.name}' needs recall and feature stages before it to train")
         folder = self.resolve_path(self.model)
         from_logs = "judgments" not in ctx.config.data and "logs" in ctx.config.data
         judgments_path = ctx.data_path("logs" if from_logs else "judgments")
         skip = ({"model", "device", "num_threads"} | ({"targets_per_user"} if self.targets_per_user == 1 else set())
-                | ({"max_negatives"} if self.max_negatives is None else set()))
+                | ({"max_negatives"} if self.max_negatives is None else set())
+                | ({"label_gain"} if self.label_gain is None else set()))
         train_params = {k: v for k, v in self.get_params().items() if k not in skip}
         key = build_key(stage=self.name, params=train_params, judgments=sha256_file(judgments_path),
                         upstream=upstream_key(upstream))
@@ -488,6 +503,11 @@ class LightGBMRanker(Stage):
             labels = frame[RELEVANCE].is_not_null().to_numpy().astype(np.int32)
         else:
             labels = self._labels(frame[RELEVANCE].to_numpy().astype(np.float64))
+        if self.label_gain is not None and len(labels) and labels.max() >= len(self.label_gain):
+            top = float(np.nanmax(frame[RELEVANCE].to_numpy().astype(np.float64)))
+            raise DataError(f"stage '{self.name}': relevance {top:g} becomes label {int(labels.max())} "
+                            f"(relevance_offset {self.relevance_offset}, label_scale {self.label_scale}) but label_gain has "
+                            f"{len(self.label_gain)} entries (labels 0..{len(self.label_gain) - 1}); give one gain per label")
         columns = {QUERY_ID: frame[QUERY_ID].to_arrow(), LABEL: pa.array(labels, pa.int32())}
         columns.update({f: pa.array(frame[f].to_numpy().astype(np.float32), pa.float32()) for f in features})
         return pa.table(columns)
@@ -504,6 +524,8 @@ class LightGBMRanker(Stage):
             "feature_fraction": self.feature_fraction, "bagging_fraction": self.bagging_fraction,
             "bagging_freq": 1 if self.bagging_fraction < 1 else 0,
         }
+        if self.label_gain is not None:
+            params["label_gain"] = [float(g) for g in self.label_gain]
         if self.train_device != "cpu":
             params["device_type"] = self.train_device
         train_set = shards["train"].dataset(features)

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import ArtifactError, SchemaError
+from pipeline import ArtifactError, ConfigError, DataError, SchemaError
 from pipeline.config import load_config
 from pipeline.stage import Pipeline
 
@@ -154,3 +154,34 @@ def test_memory_estimate_counts_sampled_negatives(tmp_path, monkeypatch):
         LightGBMRanker(max_negatives=negatives, valid_fraction=0.2)._check_memory(upstream, tmp_path / "j.parquet", ["f_a"])
     per_row = module.BYTES_PER_VALUE + module.BYTES_PER_ROW
     assert seen == [100 * 400 * per_row, (80 * 10 + 20 * 400) * per_row]  # validation queries (20%) keep all
+
+
+def _lexical_ranker_config(folder, **ranker):
+    from pipeline import PipelineConfig
+    from pipeline.config import load_config
+    from pipeline.demo_data import generate_demo_data
+
+    generate_demo_data(folder / "data", n_items=300, n_queries=90, seed=3)
+    cfg = PipelineConfig(stages=[
+        {"type": "recall.bm25", "params": {"index": "artifacts/bm25", "k": 30, "item_text": ["title"]}},
+        {"type": "lookup.catalog", "params": {"items": "artifacts/items", "columns": ["title"]}},
+        {"type": "features.text", "params": {"features": ["recall_score", "coverage", "jaccard"]}},
+        {"type": "rank.lightgbm", "params": {"model": "artifacts/ranker", "n_estimators": 20, **ranker}},
+    ], data={"catalog": "data/catalog.parquet", "judgments": "data/judgments.parquet"})
+    cfg.save(folder / "p.toml")
+    return load_config(folder / "p.toml")
+
+
+def test_label_gain_reaches_lightgbm_and_must_cover_every_label(tmp_path):
+    from pipeline.build import build_artifacts
+
+    gains = [0.0, 0.26, 0.59, 1.0, 1.52, 2.17, 3.0]
+    build_artifacts(_lexical_ranker_config(tmp_path, label_gain=gains), progress=False, log=lambda m: None)
+    model = (tmp_path / "artifacts" / "ranker" / "model.txt").read_text()
+    line = next(x for x in model.splitlines() if x.startswith("[label_gain: "))
+    assert [float(g) for g in line[len("[label_gain: "):-1].split(",")] == gains
+    short = _lexical_ranker_config(tmp_path, label_gain=[0.0, 1.0, 2.0])
+    with pytest.raises(DataError, match=r"relevance 3 becomes label 6 .* label_gain has 3 entries \(labels 0..2\)"):
+        build_artifacts(short, progress=False, log=lambda m: None, force=True)
+    with pytest.raises(ConfigError, match="'label_gain' parameter of stage 'rank.lightgbm'"):
+        LightGBMRanker(label_gain=[1.0, 0.5]).validate_params()
