@@ -210,3 +210,16 @@ def test_homedepot_rerank_config_composes_with_one_holdout_split():
     splits = {(s.holdout_fraction, s.seed) for s in pipe if s.name in ("rank.lightgbm", "rerank.cross_encoder")}
     assert splits == {(0.2, 0)}
     assert {CE_SCORE, PREV_SCORE} <= set(pipe.output_schema.names)
+
+
+def test_homedepot_rerank_config_shares_pipeline_toml_up_to_the_first_ranker():
+    """rerank.toml reuses pipeline.toml's artifacts (same paths): its stages up to the first ranker
+    must be pipeline.toml's, or building one config would rebuild them under the other's settings."""
+    import tomllib
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "examples" / "homedepot"
+    main_stages = tomllib.loads((folder / "pipeline.toml").read_text())["stages"]
+    rerank_stages = tomllib.loads((folder / "rerank.toml").read_text())["stages"]
+    first = [s["type"] for s in main_stages].index("rank.lightgbm") + 1
+    assert rerank_stages[:first] == main_stages[:first]
