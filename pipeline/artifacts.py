@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ArtifactError
 
-__all__ = ["sha256_file", "build_key", "write_json_atomic", "read_manifest", "verify_files", "MANIFEST"]
+__all__ = ["sha256_file", "build_key", "write_json_atomic", "read_manifest", "read_artifact", "verify_files", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 
@@ -62,6 +62,20 @@ def read_verified_manifest(folder: str | Path, *, what: str) -> dict[str, Any]:
     """:func:`read_manifest`, then :func:`verify_files`: the manifest of an artifact whose files are intact."""
     manifest = read_manifest(folder, what=what)
     verify_files(folder, manifest, what=what)
+    return manifest
+
+
+def read_artifact(folder: str | Path, *, what: str, kind: str, expect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`read_verified_manifest` of an artifact that must be of ``kind`` and built with the
+    ``expect`` settings (manifest key -> the value the stage has); any difference names both and
+    says to rebuild."""
+    manifest = read_verified_manifest(folder, what=what)
+    if manifest.get("kind") != kind:
+        raise ArtifactError(f"{what}: {folder} holds a {manifest.get('kind')!r} artifact, not a {kind} artifact")
+    for name, want in (expect or {}).items():
+        if manifest.get(name) != want:
+            raise ArtifactError(f"{what}: {folder} was built with {name} {manifest.get(name)!r} but the stage has "
+                                f"{want!r}; rebuild it with `funnel build`")
     return manifest
 
 

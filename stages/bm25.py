@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file, verify_files, write_json_atomic
+from pipeline.artifacts import MANIFEST, build_key, read_artifact, read_manifest, sha256_file, write_json_atomic
 from pipeline.build import BuildContext
 from pipeline.columns import ITEM_ID, QUERY, QUERY_ID, RANK, SCORE, SOURCE
 from pipeline.data import read_catalog
@@ -277,17 +277,9 @@ class BM25Recall(Stage):
 
             folder = self.resolve_path(self.index)
             what = f"stage '{self.name}' index"
-            manifest = read_manifest(folder, what=what)
-            if manifest.get("kind") != "bm25":
-                raise ArtifactError(f"{what}: {folder} holds a {manifest.get('kind')!r} artifact, not a bm25 index")
-            verify_files(folder, manifest, what=what)
             tokenizer = self.tokenizer()
             want = self._index_spec(tokenizer)
-            for name in ("tokenizer", "item_text"):
-                if manifest.get(name) != want[name]:
-                    raise ArtifactError(
-                        f"{what}: {folder} was built with {name} {manifest.get(name)!r} but the stage has {want[name]!r}; "
-                        "rebuild it with `funnel build`")
+            read_artifact(folder, what=what, kind="bm25", expect={name: want[name] for name in ("tokenizer", "item_text")})
             retriever = bm25s.BM25.load(str(folder), load_corpus=False, mmap=False, allow_pickle=False)
             ids = pq.read_table(folder / IDS_FILE).column(ITEM_ID).combine_chunks()
             if len(ids) != retriever.scores["num_docs"]:

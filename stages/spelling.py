@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.artifacts import MANIFEST, build_key, read_manifest, read_verified_manifest, sha256_file, write_json_atomic
+from pipeline.artifacts import MANIFEST, build_key, read_artifact, read_manifest, sha256_file, write_json_atomic
 from pipeline.columns import QUERY, QUERY_ID
 from pipeline.data import read_catalog
-from pipeline.errors import ArtifactError, ConfigError
+from pipeline.errors import ConfigError
 from pipeline.schema import ANY
 from pipeline.stage import Stage, StageTags
 
@@ -22,6 +22,7 @@ from .bm25 import UNITS
 __all__ = ["SpellingCorrector", "WORDS_FILE"]
 
 WORDS_FILE = "words.parquet"
+KIND = "spelling-vocabulary"
 #: Bumped whenever the way catalog words are counted changes (old vocabularies then rebuild).
 VOCABULARY_VERSION = 1
 #: A word: letters only, not glued to digits or other letters ("xtreme9000" and "st4500" are
@@ -141,7 +142,7 @@ class SpellingCorrector(Stage):
         (folder / MANIFEST).unlink(missing_ok=True)
         pq.write_table(words.to_arrow(), folder / WORDS_FILE)
         write_json_atomic(folder / MANIFEST, {
-            "kind": "spelling-vocabulary", "build_key": key, "version": VOCABULARY_VERSION, "item_text": list(self.item_text),
+            "kind": KIND, "build_key": key, "version": VOCABULARY_VERSION, "item_text": list(self.item_text),
             "items": len(texts), "words": words.height, "source": str(catalog_path),
             "files": {WORDS_FILE: sha256_file(folder / WORDS_FILE)},
         })
@@ -158,13 +159,7 @@ class SpellingCorrector(Stage):
             from symspellpy import SymSpell
 
             folder = self.resolve_path(self.vocabulary)
-            what = f"stage '{self.name}' vocabulary"
-            manifest = read_verified_manifest(folder, what=what)
-            if manifest.get("kind") != "spelling-vocabulary":
-                raise ArtifactError(f"{what}: {folder} holds a {manifest.get('kind')!r} artifact, not a spelling vocabulary")
-            if manifest.get("item_text") != list(self.item_text):
-                raise ArtifactError(f"{what}: {folder} was built from item_text {manifest.get('item_text')!r} but the "
-                                    f"stage has {list(self.item_text)!r}; rebuild it with `funnel build`")
+            read_artifact(folder, what=f"stage '{self.name}' vocabulary", kind=KIND, expect={"item_text": list(self.item_text)})
             words = pl.from_arrow(pq.read_table(folder / WORDS_FILE))
             stem = None
             if self.stemmer:
