@@ -74,6 +74,8 @@ class SpellingCorrector(Stage):
 
     name = "query.spelling"
     input_schema = pa.schema([pa.field(QUERY_ID, ANY), pa.field(QUERY, pa.string())])
+    #: with the default parameters (``text_column``, ``original_column`` rename them)
+    output_schema = pa.schema([pa.field(QUERY, pa.string()), pa.field("query_original", pa.string())])
     tags = StageTags(requires_build=True, level="query")
     path_params = ("vocabulary",)
 
