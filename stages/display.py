@@ -73,7 +73,8 @@ class TopNDisplay(Stage):
         if self.variant_pattern:
             key = key.str.replace_all(self.variant_pattern, " ")
         key = key.str.replace_all(r"[^a-z0-9]+", " ").str.strip_chars()
-        return pl.when(key.str.len_chars() > 0).then(key)
+        # not when(len > 0).then(key): that evaluates the regexes twice (2x the time on 36k titles)
+        return key.replace("", None)
 
     def validate_params(self) -> None:
         super().validate_params()
