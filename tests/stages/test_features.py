@@ -83,3 +83,30 @@ def test_features_worked_out_per_distinct_text_equal_a_row_by_row_reference():
     for row, got in zip(table.to_pylist(), out):
         want = _reference_row(row["query"], row["title"], row["brand"], row["colors"])
         assert {k: got[k] for k in want} == {k: float(np.float32(v)) for k, v in want.items()}, row
+
+
+def test_titles_cached_between_batches_give_the_values_of_a_fresh_stage(monkeypatch):
+    """A title's tokens, numbers and stems are kept from batch to batch; every batch's features
+    equal those of a stage that never saw another batch, also after the cache starts over."""
+    import pyarrow.compute as pc
+
+    import stages.features as features
+
+    titles = [f"Ironvale {n} in. cordless drill bits" if n % 3 else None for n in range(40)]
+    batches = [pa.table({"query_id": [b] * 20, "query": [f"{b} in. drill"] * 20,
+                         "title": titles[b * 5:b * 5 + 20], "brand": ["Ironvale"] * 20}) for b in range(5)]
+    batches.append(batches[0].slice(0, 0))  # an empty batch in the middle of a run
+    batches.append(batches[4])  # every title cached
+    names = ["overlap", "stem_coverage", "title_len", "number_match", "brand_match"]
+    monkeypatch.setattr(features, "TITLE_CACHE_MAX", 20)  # starts over during the run
+    stage = TextMatchFeatures(features=names)
+    seen, sizes, want = set(), [], []
+    for batch in batches:
+        got = stage(batch)
+        assert got.equals(TextMatchFeatures(features=names)(batch))
+        seen |= set(batch.column("title").to_pylist())  # one cached row per distinct title (None too)
+        want.append(len(seen) if len(seen) <= 20 else None)
+        seen = seen if len(seen) <= 20 else set()
+        sizes.append(None if stage._title_cache_ is None else stage._title_cache_.height)
+    assert sizes == want and None in sizes and sizes[-1] is not None
+    assert pc.sum(pc.is_null(batches[0].column("title"))).as_py() > 0
