@@ -7,9 +7,11 @@ at import time.
 
 from __future__ import annotations
 
-from .errors import BAD_PARAM, DeviceError
+from pathlib import Path
 
-__all__ = ["DEVICES", "cuda_available", "resolve_device"]
+from .errors import BAD_PARAM, ConfigError, DeviceError
+
+__all__ = ["DEVICES", "cuda_available", "resolve_device", "cpu_has_bf16", "resolve_precision"]
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -39,3 +41,30 @@ def resolve_device(requested: str, *, stage: str, supported: tuple[str, ...] = (
     if requested == "cuda" and not cuda_available():
         raise DeviceError(f"stage '{stage}' was asked for device 'cuda' but torch sees no CUDA device; use 'cpu' or 'auto'")
     return requested
+
+
+def cpu_has_bf16() -> bool:
+    """True on a CPU whose matrix units run bf16 natively (AVX512-BF16 or AMX), where bf16 weights
+    halve the cost of a forward pass; elsewhere PyTorch emulates bf16 and fp32 is faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device: str, *, stage: str) -> str:
+    """The weight precision a transformer stage runs in on the resolved ``device``.
+
+    ``"auto"`` is fp16 on CUDA, bf16 on a CPU with native bf16 (:func:`cpu_has_bf16`) and fp32
+    elsewhere; ``"fp16"`` on a CPU is an error (PyTorch's CPU fp16 kernels are slower than fp32).
+    """
+    if requested == "fp16" and device != "cuda":
+        raise ConfigError(BAD_PARAM.format(param="precision", stage=stage,
+                                           expected="'auto', 'fp32' or 'bf16' on CPU ('fp16' needs device 'cuda')",
+                                           found=requested))
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        return "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"

@@ -17,6 +17,7 @@ from pipeline.artifacts import build_key, read_manifest, read_verified_manifest,
 from pipeline.build import BuildContext, upstream_key
 from pipeline.columns import ITEM_ID, QUERY, QUERY_ID, RANK, RELEVANCE, SCORE, RECALL_RANK, RECALL_SCORE
 from pipeline.data import holdout_mask, read_judgments
+from pipeline.device import cpu_has_bf16, resolve_precision
 from pipeline.errors import ArtifactError, ConfigError, DataError
 from pipeline.schema import ANY, keep_input_types
 from pipeline.stage import Pipeline, Stage, StageTags
@@ -37,16 +38,6 @@ TRAIN_BATCH = 256
 #: Part of the model's build key: 2 since bi-encoder bases get a mean-pooled head (version 1 put
 #: a head on [CLS], which never learned), so a model folder built by version 1 is rebuilt
 TRAINER_VERSION = 2
-
-
-def cpu_has_bf16() -> bool:
-    """True on a CPU whose matrix units run bf16 natively (AVX512-BF16 or AMX), where bf16 weights
-    halve the cost of a forward pass; elsewhere PyTorch emulates bf16 and fp32 is faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class CrossEncoderReranker(Stage):
@@ -165,13 +156,7 @@ class CrossEncoderReranker(Stage):
         self.model_ = self._load(str(folder), self.device_, self.precision_)
 
     def _resolve_precision(self) -> str:
-        if self.precision == "fp16" and self.device_ != "cuda":
-            raise self._bad_param("precision", "'auto', 'fp32' or 'bf16' on CPU ('fp16' needs device 'cuda')")
-        if self.precision != "auto":
-            return self.precision
-        if self.device_ == "cuda":
-            return "fp16"
-        return "bf16" if cpu_has_bf16() else "fp32"
+        return resolve_precision(self.precision, self.device_, stage=self.name)
 
     def _load(self, path: str, device: str, precision: str):
         """The ``CrossEncoder`` at ``path`` (safetensors only), in eval mode, its weights in ``precision``."""

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from pipeline.columns import QUERY, QUERY_EMBEDDING
 from pipeline.artifacts import MANIFEST, read_manifest, read_verified_manifest
+from pipeline.device import resolve_precision
 from pipeline.errors import BAD_PARAM, ArtifactError, ConfigError, DataError, FunnelWarning
 from pipeline.schema import EMBEDDING
 from pipeline.stage import Stage, StageTags
@@ -23,7 +24,7 @@ __all__ = ["SentenceTransformerEncoder", "DEFAULT_MODEL", "resolve_model", "TRAI
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 #: share of a batch's query tokens unknown to the model's vocabulary above which the stage warns
 UNKNOWN_SHARE_WARN = 0.5
 UNKNOWN_TOKENS = ("stage '{stage}': {share:.0%} of the tokens of a batch of {rows} queries are unknown to model "
@@ -219,7 +220,10 @@ class SentenceTransformerEncoder(Stage):
     before loading. ``precision`` ``"bf16"`` stores the whole model in bf16 (on a CPU with
     AVX512-BF16 or AMX the matrix products run at twice the fp32 rate, and no per-call casts are
     left; embeddings stay at cosine >= 0.9999 to fp32 on MiniLM); ``"fp16"`` (CUDA only) in
-    fp16: half-precision weights converted once in ``warm_up``, not autocast per call. Embeddings are float32
+    fp16: half-precision weights converted once in ``warm_up``, not autocast per call.
+    ``"auto"`` resolves in ``warm_up`` (``precision_``): fp16 on CUDA, bf16 on a CPU with native
+    bf16, fp32 elsewhere (:func:`pipeline.device.resolve_precision`); the default stays fp32, so
+    results do not depend on the machine unless a config asks for it. Embeddings are float32
     ``fixed_size_list`` columns, L2-normalised when ``normalize``. ``compile = true`` runs the
     transformer through ``torch.compile`` (dynamic shapes, so one compilation serves every batch
     shape, and frozen weights): 20-30% faster on CPU for MiniLM, at the price of 20-40 s at
@@ -332,8 +336,7 @@ class SentenceTransformerEncoder(Stage):
         super().warm_up()
         if getattr(self, "model_", None) is not None:
             return
-        if self.precision == "fp16" and self.device_ != "cuda":
-            raise self._bad_param("precision", "'fp32' or 'bf16' on CPU ('fp16' needs device 'cuda')")
+        self.precision_ = resolve_precision(self.precision, self.device_, stage=self.name)
         from sentence_transformers import SentenceTransformer
 
         path, local = resolve_model(self._model_path())
@@ -349,10 +352,10 @@ class SentenceTransformerEncoder(Stage):
         if self.max_seq_length is not None:
             model.max_seq_length = self.max_seq_length
         model.eval()
-        if self.precision != "fp32":  # weights converted once: no autocast, no per-call casts
+        if self.precision_ != "fp32":  # weights converted once: no autocast, no per-call casts
             import torch
 
-            model.to(torch.bfloat16 if self.precision == "bf16" else torch.float16)
+            model.to(torch.bfloat16 if self.precision_ == "bf16" else torch.float16)
         attention = "eager" if self.attention == "auto" and self.device_ == "cpu" else self.attention
         if attention != "auto":
             _set_attention(model, attention)

@@ -374,7 +374,12 @@ class BarePipeline:
             if p.get("max_seq_length"):
                 model.max_seq_length = p["max_seq_length"]
             model.eval()
-            if p.get("precision") == "bf16" and device == "cpu":  # the whole model in bf16, as Funnel's stage
+            precision = p.get("precision", "fp32")
+            if precision == "auto":  # what the stage's "auto" resolves to (pipeline/device.py), done here by hand
+                flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+                precision = "fp16" if device == "cuda" else \
+                    "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
+            if precision == "bf16" and device == "cpu":  # the whole model in bf16, as Funnel's stage
                 model.to(torch.bfloat16)
             attention = p.get("attention", "auto")
             attention = "eager" if attention == "auto" and device == "cpu" else attention
@@ -383,7 +388,7 @@ class BarePipeline:
             if p.get("compile"):
                 model[0].auto_model.forward = torch.compile(model[0].auto_model.forward, dynamic=True,
                                                             options={"freezing": True})
-            return {"model": model, "device": device}
+            return {"model": model, "device": device, "precision": precision}
         if kind == "recall.faiss":
             folder = self._path(p.get("index", "artifacts/index"))
             manifest = json.loads((folder / "manifest.json").read_text())
@@ -534,7 +539,7 @@ class BarePipeline:
                 df = df.with_columns(pl.col(col).alias(original))
             df = df.with_columns(pl.col(col).replace_strict(fixed, default=None, return_dtype=pl.String))
         elif kind == "encode.sentence_transformers":
-            precision = p.get("precision", "fp32")
+            precision = s["precision"]
             ctx = (contextlib.nullcontext() if precision == "fp32" or s["device"] == "cpu" else
                    torch.autocast(s["device"], dtype=torch.bfloat16 if precision == "bf16" else torch.float16))
             with torch.inference_mode(), ctx:

@@ -40,14 +40,14 @@ def encoder_bench(encoder: Stage, texts: dict[str, list[str]], repeats: int, swe
     bare = SentenceTransformer(path, device=encoder.device_)
     bare.eval()
     compiled = ", compiled" if getattr(encoder, "compile", False) else ""
-    variants = {f"configured ({encoder.precision}, batch {encoder.batch_size}{compiled})": encoder}
+    variants = {f"configured ({encoder.precision_}, batch {encoder.batch_size}{compiled})": encoder}
     fast = "bf16" if encoder.device_ == "cpu" else "fp16"
     fast_encoder = encoder
-    if encoder.precision != fast:  # its own model: on CPU bf16 is a conversion of the weights, not a context
+    if encoder.precision_ != fast:  # its own model: on CPU bf16 is a conversion of the weights, not a context
         fast_encoder = encoder.clone(precision=fast)
         fast_encoder.warm_up()
     for bs in sorted({encoder.batch_size, 256} | ({32, 64, 128} if sweep else set())):
-        if (fast, bs) != (encoder.precision, encoder.batch_size):
+        if (fast, bs) != (encoder.precision_, encoder.batch_size):
             variants[f"{fast}, batch {bs}{compiled}"] = clone_warm(fast_encoder, batch_size=bs)
     report = {"bare": f"SentenceTransformer.encode fp32 (batch_size 32, normalize_embeddings={encoder.normalize})",
               "device": encoder.device_, "torch_threads": torch.get_num_threads(), "sets": {}}

@@ -48,6 +48,20 @@ def test_bf16_matches_fp32(encoder):
     assert {p.dtype for p in bf16.model_.parameters()} == {torch.bfloat16}
 
 
+
+def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively(encoder):
+    import torch
+
+    from pipeline.device import cpu_has_bf16
+
+    auto = SentenceTransformerEncoder(precision="auto", device="cpu")
+    auto.warm_up()
+    want = "bf16" if cpu_has_bf16() else "fp32"
+    assert auto.precision_ == want and auto.precision == "auto"  # the config keeps what was asked for
+    assert {p.dtype for p in auto.model_.parameters()} == {torch.bfloat16 if want == "bf16" else torch.float32}
+    assert (encoder.encode_texts(TEXTS) * auto.encode_texts(TEXTS)).sum(axis=1).min() >= 0.999
+
+
 @pytest.mark.slow
 @pytest.mark.long  # compiling MiniLM with inductor: the longest test by far (minutes on 2 cores)
 @pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")),
