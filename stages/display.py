@@ -9,6 +9,8 @@ from pipeline.columns import QUERY_ID, RANK, SCORE
 from pipeline.schema import ANY, keep_input_types
 from pipeline.stage import Stage, StageTags
 
+from .features import TITLE_CACHE_MAX, per_distinct
+
 __all__ = ["TopNDisplay", "DEFAULT_VARIANT_PATTERN", "COLOURS", "SIZE_UNITS"]
 
 #: Colour words removed from a variant key (a product in white and in black is one product).
@@ -101,10 +103,11 @@ class TopNDisplay(Stage):
                  .with_columns(pl.col("__row").min().over(QUERY_ID).alias("__qpos"))
                  .sort(["__qpos", RANK, SCORE], descending=[False, False, True], maintain_order=True))
         if self.variant_key:
-            # a key per distinct title (a title recurs across a batch's queries), joined back
-            keys = frame.select(pl.col(self.variant_key).unique())
-            keys = keys.with_columns(self.variant_keys(pl.col(self.variant_key)).alias("__variant"))
-            frame = frame.join(keys, on=self.variant_key, how="left", maintain_order="left", nulls_equal=True)
+            # a key per distinct title (a title recurs across a batch's queries and across
+            # batches: the keys are kept for the next batch, bounded), joined back
+            frame, self._key_cache_ = per_distinct(frame, self.variant_key,
+                                                   {"__variant": self.variant_keys(pl.col(self.variant_key))},
+                                                   cache=getattr(self, "_key_cache_", None), cache_max=TITLE_CACHE_MAX)
             first = pl.struct(QUERY_ID, "__variant").is_first_distinct()  # rows are in display order
             frame = frame.filter(pl.col("__variant").is_null() | first)
         if self.cap_column:

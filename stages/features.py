@@ -19,7 +19,7 @@ from pipeline.columns import QUERY, QUERY_ID, RANK, SCORE, SOURCE
 from pipeline.schema import ANY, keep_input_types
 from pipeline.stage import Stage, StageTags
 
-__all__ = ["TextMatchFeatures", "FEATURES", "FEATURE_PREFIX", "DEFAULT_FEATURES", "feature_column"]
+__all__ = ["TextMatchFeatures", "FEATURES", "FEATURE_PREFIX", "DEFAULT_FEATURES", "feature_column", "per_distinct", "TITLE_CACHE_MAX"]
 
 FEATURE_PREFIX = "f_"
 _TOKEN = r"[a-z0-9]+(?:[./][0-9]+)*"
@@ -35,8 +35,9 @@ _OV, _SOV = "__overlap", "__stem_overlap"
 _HELPERS = (_Q, _T, _QN, _TN, _QS, _TS, _QU, _TU, _QSU, _OV, _SOV)
 #: what each helper is built from (a helper needs these computed before it)
 #: distinct titles whose tokens, numbers and stems ``features.text`` keeps between batches (a
-#: catalog's titles recur across a run's batches); past this many the cache starts over, so it
-#: stays under ~100 MB whatever the catalog's size
+#: catalog's titles recur across a run's batches; ``display.topn`` keeps their variant keys the
+#: same way); past this many the cache starts over, so it stays under ~100 MB whatever the
+#: catalog's size
 TITLE_CACHE_MAX = 300_000
 _CACHE_CHUNKS = 16
 _HELPER_NEEDS = {_QS: (_Q,), _TS: (_T,), _QU: (_Q,), _TU: (_T,), _QSU: (_QS,), _OV: (_Q, _T), _SOV: (_QS, _TS)}
@@ -79,18 +80,22 @@ def _stems(frame: pl.DataFrame, tokens: pl.Expr) -> pl.Expr:
     return tokens.list.eval(pl.element().replace_strict(stems, default=pl.element(), return_dtype=pl.String))
 
 
-def _per_distinct(frame: pl.DataFrame, column: str, exprs: dict[str, pl.Expr], stems: dict[str, str] | None = None,
-                  after: dict[str, pl.Expr] | None = None,
-                  cache: pl.DataFrame | None = None) -> tuple[pl.DataFrame, pl.DataFrame | None]:
-    """``frame`` with columns ``exprs`` (over ``column`` only) computed once per distinct value,
-    and the table of distinct values with those columns.
+def per_distinct(frame: pl.DataFrame, column: str, exprs: dict[str, pl.Expr], stems: dict[str, str] | None = None,
+                 after: dict[str, pl.Expr] | None = None, cache: pl.DataFrame | None = None,
+                 cache_max: int = 0) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """``frame`` with columns ``exprs`` (over ``column`` only) computed once per distinct value.
 
     ``stems`` (``{helper: token helper}``) adds the stemmed token lists, and ``after`` columns
-    over all of these, still once per distinct value. ``cache`` is such a table from earlier
-    batches: only values missing from it are computed, and the returned table is both.
+    over all of these, still once per distinct value. With ``cache_max``, the distinct values
+    and their columns are also returned as a cache for the next batch: pass it back as
+    ``cache`` and only values missing from it are computed. A cache past ``cache_max`` rows is
+    dropped (``None``: the next batch starts over), so memory stays bounded; one whose key type
+    differs from this batch's is ignored.
     """
     if not exprs:
-        return frame, cache
+        return frame, None
+    if cache is not None and cache.schema[column] != frame.schema[column]:
+        cache = None
     distinct = frame.select(pl.col(column)).unique()
     if cache is not None:
         distinct = distinct.join(cache.select(column), on=column, how="anti", nulls_equal=True)
@@ -99,11 +104,10 @@ def _per_distinct(frame: pl.DataFrame, column: str, exprs: dict[str, pl.Expr], s
         distinct = distinct.with_columns(_stems(distinct, pl.col(src)).alias(h) for h, src in stems.items())
     if after:
         distinct = distinct.with_columns(e.alias(h) for h, e in after.items())
-    if cache is not None and distinct.height:
-        distinct = pl.concat([cache, distinct], rechunk=cache.n_chunks() >= _CACHE_CHUNKS)
-    elif cache is not None:
-        distinct = cache
-    return frame.join(distinct, on=column, how="left", maintain_order="left", nulls_equal=True), distinct
+    if cache is not None:
+        distinct = pl.concat([cache, distinct], rechunk=cache.n_chunks() >= _CACHE_CHUNKS) if distinct.height else cache
+    out = frame.join(distinct, on=column, how="left", maintain_order="left", nulls_equal=True)
+    return out, (distinct if distinct.height <= cache_max else None)
 
 
 def _safe_div(a: pl.Expr, b: pl.Expr) -> pl.Expr:
@@ -298,15 +302,12 @@ class TextMatchFeatures(Stage):
         # numbers, stems and distinct counts are worked out once per distinct query text and once
         # per distinct title; only the overlaps are per row
         pick = (lambda pairs: {h: e for h, e in pairs if h in helpers})
-        out, _ = _per_distinct(frame, q, pick(((_Q, _tokens(q)), (_QN, _numbers(q)))), pick(((_QS, _Q),)),
-                               pick(((_QU, pl.col(_Q).list.n_unique()), (_QSU, pl.col(_QS).list.n_unique()))))
-        # titles recur from batch to batch: their columns are kept (TITLE_CACHE_MAX), keyed by text
-        cache = getattr(self, "_title_cache_", None)
-        if cache is not None and (t not in frame.columns or cache.schema[t] != frame.schema[t]):
-            cache = None
-        out, cache = _per_distinct(out, t, pick(((_T, _tokens(t)), (_TN, _numbers(t)))), pick(((_TS, _T),)),
-                                   pick(((_TU, pl.col(_T).list.n_unique()),)), cache=cache)
-        self._title_cache_ = cache if cache is not None and cache.height <= TITLE_CACHE_MAX else None
+        out, _ = per_distinct(frame, q, pick(((_Q, _tokens(q)), (_QN, _numbers(q)))), pick(((_QS, _Q),)),
+                              pick(((_QU, pl.col(_Q).list.n_unique()), (_QSU, pl.col(_QS).list.n_unique()))))
+        # titles recur from batch to batch: their columns are kept for the next one (bounded)
+        out, self._title_cache_ = per_distinct(out, t, pick(((_T, _tokens(t)), (_TN, _numbers(t)))), pick(((_TS, _T),)),
+                                               pick(((_TU, pl.col(_T).list.n_unique()),)),
+                                               cache=getattr(self, "_title_cache_", None), cache_max=TITLE_CACHE_MAX)
         overlap = (lambda a, b: pl.col(a).list.set_intersection(pl.col(b)).list.len())
         out = out.with_columns([e.alias(h) for h, e in ((_OV, overlap(_Q, _T)), (_SOV, overlap(_QS, _TS))) if h in helpers])
         mentioned = {getattr(self, FEATURES[f].mention) for f in self.features if FEATURES[f].mention}

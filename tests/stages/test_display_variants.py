@@ -63,3 +63,21 @@ def test_empty_pattern_collapses_identical_titles_only():
     assert out.column("title").to_pylist() == ["Delta Vero Faucet in Chrome", "Delta Vero Faucet in Nickel",
                                                "Philips 60-Watt LED Bulb"]
     assert out.column("rank").to_pylist() == [1, 2, 3]
+
+
+def test_variant_keys_cached_between_batches_give_the_lists_of_a_fresh_stage(monkeypatch):
+    """Each title's variant key is kept for later batches (bounded); every batch's list equals
+    that of a stage that never saw another batch, before and after the cache starts over."""
+    import stages.display as display
+
+    monkeypatch.setattr(display, "TITLE_CACHE_MAX", 6)
+    base = _candidates()
+    batches = [base, base.slice(0, 4), base.slice(0, 0), base.slice(3),
+               base.set_column(1, "title", pa.array([t.upper() if t else t for t in base.column("title").to_pylist()]))]
+    stage = TopNDisplay(n=3, variant_key="title")
+    sizes = []
+    for batch in batches:
+        assert stage(batch).equals(TopNDisplay(n=3, variant_key="title")(batch))
+        sizes.append(None if stage._key_cache_ is None else stage._key_cache_.height)
+    # 8 distinct titles (None included) > 6: dropped at once; then 4, still 4, 4 + 4 new > 6, 8 new > 6
+    assert sizes == [None, 4, 4, None, None]
