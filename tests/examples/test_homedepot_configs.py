@@ -33,6 +33,7 @@ def test_fast_toml_is_pipeline_toml_without_the_stock_encoder():
         for key in ("index", "stats", "model"):
             if stage.get("params", {}).get(key) in FAST_FOLDERS:
                 stage["params"][key] = FAST_FOLDERS[stage["params"][key]]
+    next(s for s in want if s["type"] == "rank.lightgbm")["params"].update(n_estimators=70, learning_rate=0.1)
     features = next(s for s in want if s["type"] == "features.text")["params"]
     features["sources"] = [s for s in features["sources"] if s != "base"]
     assert _stages("fast.toml") == want
