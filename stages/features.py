@@ -39,6 +39,8 @@ _HELPERS = (_Q, _T, _QN, _TN, _QS, _TS, _QU, _TU, _QSU, _OV, _SOV)
 #: size (Home Depot titles, extrapolated from 37,744: ~63 MB here, ~41 MB in ``display.topn``)
 TITLE_CACHE_MAX = 300_000
 _CACHE_CHUNKS = 16
+#: a batch with fewer distinct values than 1/8 of the cache skips it (looking up costs more)
+_CACHE_MIN_SHARE = 8
 #: what each helper is built from (a helper needs these computed before it)
 _HELPER_NEEDS = {_QS: (_Q,), _TS: (_T,), _QU: (_Q,), _TU: (_T,), _QSU: (_QS,), _OV: (_Q, _T), _SOV: (_QS, _TS)}
 
@@ -90,24 +92,33 @@ def per_distinct(frame: pl.DataFrame, column: str, exprs: dict[str, pl.Expr], st
     and their columns are also returned as a cache for the next batch: pass it back as
     ``cache`` and only values missing from it are computed. A cache past ``cache_max`` rows is
     dropped (``None``: the next batch starts over), so memory stays bounded; one whose key type
-    differs from this batch's is ignored.
+    differs from this batch's is ignored, and a batch with far fewer distinct values than the
+    cache (``_CACHE_MIN_SHARE``) computes its own and leaves the cache as it was.
     """
     if not exprs:
         return frame, None
     if cache is not None and cache.schema[column] != frame.schema[column]:
         cache = None
     distinct = frame.select(pl.col(column)).unique()
+    known, given = None, cache
+    if cache is not None and distinct.height * _CACHE_MIN_SHARE < cache.height:
+        cache = None  # a small batch (one query): computing is cheaper than any lookup in a large cache
     if cache is not None:
-        distinct = distinct.join(cache.select(column), on=column, how="anti", nulls_equal=True)
+        known = cache.join(distinct, on=column, how="semi", nulls_equal=True)
+        distinct = distinct.join(known.select(column), on=column, how="anti", nulls_equal=True)
     distinct = distinct.with_columns(e.alias(h) for h, e in exprs.items())
     if stems:
         distinct = distinct.with_columns(_stems(distinct, pl.col(src)).alias(h) for h, src in stems.items())
     if after:
         distinct = distinct.with_columns(e.alias(h) for h, e in after.items())
-    if cache is not None:
-        distinct = pl.concat([cache, distinct], rechunk=cache.n_chunks() >= _CACHE_CHUNKS) if distinct.height else cache
-    out = frame.join(distinct, on=column, how="left", maintain_order="left", nulls_equal=True)
-    return out, (distinct if distinct.height <= cache_max else None)
+    values = distinct if known is None else pl.concat([known, distinct]) if distinct.height else known
+    out = frame.join(values, on=column, how="left", maintain_order="left", nulls_equal=True)
+    if known is None and given is not None:
+        return out, given
+    if cache is not None and distinct.height:
+        cache = pl.concat([cache, distinct], rechunk=cache.n_chunks() >= _CACHE_CHUNKS)
+    cache = distinct if cache is None else cache
+    return out, (cache if cache.height <= cache_max else None)
 
 
 def _safe_div(a: pl.Expr, b: pl.Expr) -> pl.Expr:

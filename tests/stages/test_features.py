@@ -110,3 +110,17 @@ def test_titles_cached_between_batches_give_the_values_of_a_fresh_stage(monkeypa
         sizes.append(None if stage._title_cache_ is None else stage._title_cache_.height)
     assert sizes == want and None in sizes and sizes[-1] is not None
     assert pc.sum(pc.is_null(batches[0].column("title"))).as_py() > 0
+
+
+def test_a_small_batch_computes_its_titles_and_leaves_a_large_cache_alone():
+    """One query's few titles are not looked up in a cache of many (hashing the cache would cost
+    more than computing them): the values are a fresh stage's, and the cache is unchanged."""
+    big = pa.table({"query_id": list(range(200)), "query": ["drill"] * 200,
+                    "title": [f"Ironvale {n} in. drill bit" for n in range(200)]})
+    small = pa.table({"query_id": [7, 7], "query": ["red drill"] * 2, "title": ["Red 5 ft. drill", "Ironvale 3 in. drill bit"]})
+    stage = TextMatchFeatures(features=["overlap", "title_len", "stem_coverage"])
+    stage(big)
+    cached = stage._title_cache_
+    assert cached.height == 200
+    assert stage(small).equals(TextMatchFeatures(features=["overlap", "title_len", "stem_coverage"])(small))
+    assert stage._title_cache_ is cached

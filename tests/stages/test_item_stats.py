@@ -73,6 +73,23 @@ def test_catalog_proxies_and_retrieval_counts(built):
     assert out.schema["f_retrieved_by"] == pl.Float32 and max(counts.values()) >= 2
 
 
+
+def test_integer_ids_looked_up_by_binary_search_match_the_join(built):
+    """Integer item ids are looked up in a sorted array; ids outside the catalog get 0, as the
+    join that other id types (and nulls) take gives."""
+    _, _, pipe, _ = built
+    stage = pipe.stages[1]
+    assert stage.sorted_ is not None
+    cands = pa.table({"query_id": [1] * 6, "item_id": pa.array([15, 10, 99, 12, 10, 3], pa.int32()),
+                      "f_n_colors": pa.array([9.0] * 6, pa.float32())})  # an old value is replaced
+    got = stage.transform(cands)
+    joined = stage.clone()
+    joined.warm_up()
+    joined.sorted_ = None
+    assert got.equals(joined.transform(cands))
+    assert got.column("f_brand_items").to_pylist() == [0.0, 2.0, 0.0, 1.0, 2.0, 0.0]
+    assert got.column_names == ["query_id", "item_id", "f_brand_items", "f_n_colors", "f_retrieved_by"]
+
 def test_holdout_queries_never_count(tmp_path):
     cfg = _shop(tmp_path, holdout_fraction=0.5)
     pipe = build_artifacts(cfg, progress=False, log=lambda m: None)
