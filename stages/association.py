@@ -23,7 +23,7 @@ from pipeline.schema import ANY
 from pipeline.stage import Pipeline, Stage, StageTags
 
 __all__ = ["AssociationIndex", "AssociationRecall", "history_weights", "histories_to_matrix", "split_histories",
-           "lookup_positions"]
+           "lookup_positions", "SortedIds"]
 
 ITEMS_FILE = "items.parquet"
 NEIGHBOURS_FILE = "neighbours.parquet"
@@ -257,6 +257,36 @@ def lookup_positions(values: pa.Array | pa.ChunkedArray | list, ids: pa.Array) -
             return np.full(len(values), -1, np.int64)
     found = pc.index_in(values, value_set=ids)
     return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+class SortedIds:
+    """Integer item ids sorted once, looked up by binary search.
+
+    :func:`lookup_positions` hashes its ``ids`` on every call, which a batch of one query pays
+    for in full against a whole catalog; this costs ``O(n log m)`` per batch of ``n`` and nothing
+    per call beyond it. :meth:`of` gives ``None`` for ids that are not integers or hold nulls, and
+    :meth:`positions` gives ``None`` for such values: callers keep their general path for those.
+    """
+
+    def __init__(self, ids: np.ndarray):
+        self.order = np.argsort(ids, kind="stable")
+        self.keys = ids[self.order]
+
+    @classmethod
+    def of(cls, ids: pa.Array | pa.ChunkedArray) -> "SortedIds | None":
+        if not pa.types.is_integer(ids.type) or ids.null_count:
+            return None
+        return cls(ids.to_numpy())
+
+    def positions(self, values: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
+        """Row of each value in the ids given at construction, -1 where absent."""
+        if not pa.types.is_integer(values.type) or values.null_count:
+            return None
+        values = values.to_numpy()
+        if not len(self.keys):
+            return np.full(len(values), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.keys, values), len(self.keys) - 1)
+        return np.where(self.keys[at] == values, self.order[at], -1).astype(np.int64)
 
 
 def history_weights(length: int, recency: float) -> np.ndarray:

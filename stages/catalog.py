@@ -14,6 +14,8 @@ from pipeline.data import read_catalog
 from pipeline.schema import ANY
 from pipeline.stage import Stage, StageTags
 
+from .association import SortedIds
+
 __all__ = ["CatalogLookup"]
 
 ITEMS_FILE = "items.parquet"
@@ -75,9 +77,17 @@ class CatalogLookup(Stage):
         # takes the attribute columns (the candidates' own columns never leave Arrow)
         self.attributes_ = items.drop_columns([ITEM_ID])
         self.positions_ = pl.from_arrow(items.select([ITEM_ID])).with_row_index(_POS)
+        self.sorted_ = SortedIds.of(items.column(ITEM_ID))  # integer ids of small batches: binary search
 
     def _positions(self, table: pa.Table) -> pl.Series:
         """Per candidate row: its item's row in the snapshot (null when not there)."""
+        sorted_ids = getattr(self, "sorted_", None)
+        # binary search for a batch much smaller than the snapshot (one query: no hash table of
+        # the whole catalog); Polars' threaded join is faster for a batch of its size
+        small = sorted_ids is not None and table.num_rows * 8 < len(sorted_ids.keys)
+        rows = sorted_ids.positions(table.column(ITEM_ID)) if small else None
+        if rows is not None:
+            return pl.Series(_POS, rows, dtype=pl.Int64).replace(-1, None)
         ids = pl.from_arrow(table.select([ITEM_ID]))
         index = self.positions_
         if index.schema[ITEM_ID] != ids.schema[ITEM_ID]:

@@ -18,6 +18,7 @@ from pipeline.errors import ArtifactError, DataError
 from pipeline.schema import ANY, keep_input_types
 from pipeline.stage import Pipeline, Stage, StageTags
 
+from .association import SortedIds
 from .features import feature_column
 
 __all__ = ["ItemStatsFeatures"]
@@ -154,25 +155,18 @@ class ItemStatsFeatures(Stage):
             raise ArtifactError(f"{what} in {folder} hold features {manifest.get('features')}, the parameters ask "
                                 f"for {self.feature_names()}; run `funnel build`")
         self.stats_ = pl.from_arrow(pq.read_table(folder / STATS_FILE, columns=[ITEM_ID, *self.feature_names()]))
-        self.sorted_ = None
-        if self.stats_.schema[ITEM_ID].is_integer() and not self.stats_[ITEM_ID].null_count():
-            # integer ids: a sorted array to look candidates up by binary search (no hash table of
-            # the whole catalog built per batch, which a batch of one query would pay for)
-            ordered = self.stats_.sort(ITEM_ID)
-            self.sorted_ = (ordered[ITEM_ID].to_numpy(), [ordered[f].to_numpy() for f in self.feature_names()])
+        # integer ids are looked up by binary search (no hash table of the catalog per batch)
+        self.sorted_ = SortedIds.of(self.stats_[ITEM_ID].to_arrow())
 
     def transform(self, table: pa.Table) -> pa.Table:
         names = self.feature_names()
-        ids = table.column(ITEM_ID)
-        if getattr(self, "sorted_", None) is not None and pa.types.is_integer(ids.type) and not ids.null_count:
-            keys, values = self.sorted_
-            ids = ids.to_numpy()
-            at = np.minimum(np.searchsorted(keys, ids), max(len(keys) - 1, 0))
-            found = keys[at] == ids if len(keys) else np.zeros(len(ids), bool)
+        sorted_ids = getattr(self, "sorted_", None)
+        rows = None if sorted_ids is None else sorted_ids.positions(table.column(ITEM_ID))
+        if rows is not None:
             out = table.drop_columns([c for c in names if c in table.column_names])
-            for name, column in zip(names, values):
-                got = np.where(found, column[at], 0.0) if len(keys) else np.zeros(len(ids))
-                out = out.append_column(pa.field(name, pa.float32()), pa.array(got.astype(np.float32)))
+            for name in names:
+                got = np.where(rows >= 0, self.stats_[name].to_numpy()[rows], 0.0).astype(np.float32)
+                out = out.append_column(pa.field(name, pa.float32()), pa.array(got))
             return keep_input_types(out, table.schema)
         frame = pl.from_arrow(table).drop([c for c in names if c in table.column_names])
         stats = self.stats_

@@ -234,3 +234,18 @@ def test_pair_scores_and_top_k_match_dense_references():
             got = [(int(r), int(c), v) for r, c, v in zip(*top_k_rows(scores, k, exclude))]
             nothing = [np.zeros(0, np.int64)] * len(histories)
             assert got == _reference_top_k(scores.toarray(), k, nothing if exclude is None else exclude)
+
+
+def test_sorted_ids_find_what_the_hash_lookup_finds():
+    """Binary search over sorted integer ids gives lookup_positions' rows, -1 where absent; ids that
+    are not integers, or hold nulls, are left to the general path (None)."""
+    from stages.association import SortedIds, lookup_positions
+
+    ids = pa.array([40, 7, 19, 3, 1000], pa.int64())
+    values = pa.chunked_array([pa.array([3, 5, 1000], pa.int32()), pa.array([40, 7, -1, 19, 2000], pa.int32())])
+    got = SortedIds.of(ids).positions(values)
+    np.testing.assert_array_equal(got, lookup_positions(values, ids))
+    assert got.tolist() == [3, -1, 4, 0, 1, -1, 2, -1]
+    assert SortedIds.of(pa.array([], pa.int64())).positions(values).tolist() == [-1] * 8
+    assert SortedIds.of(pa.array(["a", "b"])) is None and SortedIds.of(pa.array([1, None])) is None
+    assert SortedIds.of(ids).positions(pa.array(["3"])) is None and SortedIds.of(ids).positions(pa.array([3, None])) is None

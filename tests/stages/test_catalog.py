@@ -28,6 +28,27 @@ def test_join_keeps_order_and_types(lookup):
                                {"query_id": 7, "item_id": 1, "title": "drill", "brand": "x"}]
 
 
+
+def test_integer_ids_by_binary_search_equal_the_join(lookup):
+    """A batch much smaller than the snapshot finds integer ids by binary search
+    (stages.association.SortedIds); larger batches, string ids and ids with nulls take the join.
+    Both give the same rows, an unknown id a row of nulls."""
+    import numpy as np
+
+    from stages.association import SortedIds
+
+    batch = pa.table({"query_id": [7, 7, 7], "item_id": pa.array([2, 99, 1], pa.int32())})
+    lookup.warm_up()
+    assert lookup.sorted_ is not None
+    lookup.sorted_ = SortedIds(np.array([1, 2] + list(range(100, 130)), np.int64))  # a snapshot of 32 ids
+    searched = []
+    lookup.sorted_.positions = (lambda values, f=lookup.sorted_.positions: searched.append(1) or f(values))
+    fast = lookup.transform(batch)
+    assert searched
+    lookup.sorted_ = None
+    assert fast.equals(lookup.transform(batch))
+    assert fast.column("title").to_pylist() == ["hose", None, "drill"]
+
 def test_unknown_items_go_to_quarantine(lookup):
     rejected = []
     out = Pipeline([lookup]).run(pa.table({"query_id": [1, 1], "item_id": [1, 99]}), quarantine=rejected)
