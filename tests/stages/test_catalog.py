@@ -62,3 +62,21 @@ def test_tampered_snapshot_is_refused(lookup):
     fresh = lookup.clone()
     with pytest.raises(ArtifactError, match="corrupted or was changed"):
         fresh.warm_up()
+
+
+def test_quarantine_check_and_lookup_share_positions(lookup):
+    """Under a quarantine the runner asks invalid_rows first, then transforms the same table when
+    nothing was rejected: the positions are worked out once, and a different table is looked up
+    afresh."""
+    calls = []
+    lookup.warm_up()
+    lookup._positions = (lambda table, f=lookup._positions: calls.append(table.num_rows) or f(table))
+    batch = pa.table({"query_id": [1, 1], "item_id": [2, 1]})
+    out = Pipeline([lookup]).run(batch, quarantine=[])
+    assert calls == [2]
+    assert out.column("title").to_pylist() == ["hose", "drill"]
+    other = pa.table({"query_id": [3], "item_id": [1]})
+    assert lookup.invalid_rows(batch) is None
+    assert lookup.transform(other).column("title").to_pylist() == ["drill"]
+    assert calls == [2, 2, 1]
+    assert lookup._checked_ is None
