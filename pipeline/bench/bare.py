@@ -54,20 +54,18 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from threadpoolctl import threadpool_limits
 
 __all__ = ["BarePipeline", "Unsupported", "SUPPORTED", "NOT_COVERED"]
 
 SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "recall.popularity", "recall.user_vector",
              "recall.group_popularity", "recall.association", "features.history", "features.relative",
              "lookup.catalog", "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn",
-             "display.mmr", "query.spelling")
+             "display.mmr", "query.spelling", "recall.sequence", "features.sequence", "features.vectors")
 #: Built-in stage types the baseline does not re-implement yet, and why: `funnel bench` then reports
 #: no overhead_ratio for a config that uses them (it says which type stopped it).
 _NEW = "added in the same change as the baseline's coverage of the others; its bare version is not written yet"
 NOT_COVERED: dict[str, str] = {
-    "recall.sequence": _NEW,
-    "features.sequence": _NEW,
-    "features.vectors": _NEW,
     "features.query_understanding": _NEW,
     "rerank.cross_encoder": _NEW + " (benchmarks/cross_encoder_speed.py times it against bare CrossEncoder.predict)",
 }
@@ -458,6 +456,11 @@ class BarePipeline:
             stemmer = p.get("stemmer", "english")
             return {"bm25": bm, "vocab": bm.vocab_dict, "ids": pl.from_arrow(ids),
                     "tokenize": _bm25_tokenizer(stemmer or None, p.get("stopwords", "en"))}
+        if kind == "features.vectors":
+            return {"names": ["sim_last", "sim_max", "sim_mean"], "copy_columns": [],
+                    "content": self._load_step("recall.user_vector", {"index": p.get("index", "artifacts/image")})}
+        if kind in ("recall.sequence", "features.sequence"):
+            return self._sequence_model(p)
         if kind == "recall.fused":
             sources = [(src["name"], float(src.get("weight", 1.0)), self._load(src["stages"])) for src in p["sources"]]
             return {"sources": sources}
@@ -575,6 +578,12 @@ class BarePipeline:
             df = self._history_features(p, s, df)
         elif kind == "recall.fused":
             df = self._fused(p, s, df)
+        elif kind == "features.vectors":
+            df = self._vector_features(p, s, df)
+        elif kind == "recall.sequence":
+            df = self._sequence_recall(p, s, df)
+        elif kind == "features.sequence":
+            df = self._sequence_features(p, s, df)
         elif kind == "recall.popularity":
             hist_col = p.get("history_column", "history")
             exclude = p.get("exclude_history", True) and hist_col is not None
@@ -903,6 +912,145 @@ class BarePipeline:
                 available[best] = False
                 penalty = sims[best] if t == 0 else np.maximum(penalty, sims[best])  # may go below 0
         return df[np.asarray(keep, np.int64)].with_columns(pl.Series("rank", ranks, dtype=pl.Int32))
+
+    def _vector_features(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """``mode = "history"``: features.history's cosine features on this index's vectors, renamed;
+        ``"results"``: per query, the candidates' vectors in rank order, cosine to the normalised
+        mean of the first ``top_m`` and to the first."""
+        source = p.get("source", "image")
+        if p.get("mode", "history") == "history":
+            names = s["names"]
+            got = self._history_features({"recency": p.get("recency", 0.6), "copy_columns": [],
+                                          "history_column": p.get("history_column", "history")}, s, df)
+            return got.rename({f"f_{n}": f"f_{n}_{source}" for n in names})
+        c, top_m = s["content"], p.get("top_m", 10)
+        frame = (df.select("query_id", pl.col("item_id").cast(c["positions"].schema["_item"], strict=False),
+                           pl.col("rank").cast(pl.Float64).fill_null(float("inf")))
+                 .with_row_index("_row").join(c["positions"].rename({"_item": "item_id"}), on="item_id", how="left",
+                                              maintain_order="left")
+                 .with_columns(pl.col("query_id").rank("dense").alias("_q")).sort(["_q", "rank"], maintain_order=True)
+                 .drop_nulls("_p"))
+        top, top1 = np.full(df.height, np.nan), np.full(df.height, np.nan)
+        rows, q = frame["_row"].to_numpy().astype(np.int64), frame["_q"].to_numpy()
+        mat = c["vectors"][frame["_p"].to_numpy().astype(np.int64)]
+        starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]]) if len(q) else np.zeros(0, np.int64)
+        with threadpool_limits(1):
+            for start, end in zip(starts, np.r_[starts[1:], len(q)]):
+                m = mat[start:end]
+                centre = m[:top_m].mean(axis=0)
+                norm = np.linalg.norm(centre)
+                if norm > 0:
+                    top[rows[start:end]] = m @ (centre / norm)
+                top1[rows[start:end]] = m @ m[0]
+        return df.with_columns(pl.Series(f"f_sim_top_{source}", top, dtype=pl.Float32),
+                               pl.Series(f"f_sim_top1_{source}", top1, dtype=pl.Float32))
+
+    def _sequence_model(self, p: dict) -> dict:
+        """The SASRec artifact as plain torch modules: ``nn.TransformerEncoder`` (pre-norm, GELU,
+        feed-forward 2 x dim) and ``nn.LayerNorm`` loaded from ``model.safetensors``, the item vectors
+        (learned embedding + projected title vectors) and position vectors as tensors."""
+        import torch
+        from safetensors.torch import load_file
+        from torch import nn
+
+        folder = self._path(p.get("model", "artifacts/sequence"))
+        cfg = json.loads((folder / "manifest.json").read_text())["config"]
+        state = load_file(str(folder / "model.safetensors"))
+        dim, heads = cfg["dim"], cfg["heads"]
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        encoder = nn.TransformerEncoder(layer, cfg["layers"], enable_nested_tensor=False)
+        encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+        norm = nn.LayerNorm(dim)
+        norm.load_state_dict({"weight": state["norm.weight"], "bias": state["norm.bias"]})
+        vectors = state["item.weight"]
+        if "content.weight" in state:
+            vectors = vectors + state["content_vectors"] @ state["content.weight"].T
+        device = p.get("device", "auto") if self.device is None else self.device
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        ids = pl.from_arrow(pq.read_table(folder / "items.parquet").column("item_id").combine_chunks())
+        return {"encoder": encoder.to(device).eval(), "norm": norm.to(device).eval(), "vectors": vectors.to(device),
+                "pos": state["pos.weight"].to(device), "heads": heads, "max_len": cfg["max_len"], "device": device,
+                "positions": ids.to_frame("_item").with_row_index("_p", offset=1), "ids": ids}
+
+    def _sequence_scores(self, p: dict, s: dict, df: pl.DataFrame):
+        """Per row of ``df``: next-item scores over every item (column 0 padding, history items -inf)
+        from the model's output after the last ``max_len`` known history items, and whether the row
+        had any known item."""
+        import torch
+
+        hist_col = p.get("history_column", "history")
+        positions = s["positions"].with_columns(pl.col("_item").cast(df.schema[hist_col].inner, strict=False))
+        flat = (df.select(pl.col(hist_col)).with_row_index("_row").explode(hist_col)
+                .join(positions, left_on=hist_col, right_on="_item", how="inner", maintain_order="left"))
+        rows, items = flat["_row"].to_numpy().astype(np.int64), flat["_p"].to_numpy().astype(np.int64)
+        lengths = np.bincount(rows, minlength=df.height)
+        width = max(1, min(s["max_len"], int(lengths.max()) if df.height else 1))
+        seqs = np.zeros((df.height, width), np.int64)
+        # left-padded: a row's last item in the last column, its older ones before it
+        back = np.cumsum(lengths)[rows] - np.arange(len(rows))  # 1 for a row's last item
+        kept = back <= width
+        seqs[rows[kept], width - back[kept]] = items[kept]
+        with torch.inference_mode(), threadpool_limits(p.get("num_threads") or None):
+            x = torch.as_tensor(seqs, device=s["device"])
+            pad = x == 0
+            h = s["vectors"][x] * (~pad).unsqueeze(-1) + s["pos"][-width:].unsqueeze(0)
+            blocked = torch.triu(torch.ones(width, width, dtype=torch.bool, device=x.device), 1)
+            blocked = (blocked.unsqueeze(0) | pad.unsqueeze(1)) & ~torch.eye(width, dtype=torch.bool, device=x.device)
+            users = s["norm"](s["encoder"](h, mask=blocked.repeat_interleave(s["heads"], dim=0)))[:, -1]
+            scores = users @ s["vectors"].T
+            scores[:, 0] = -torch.inf
+            scores[torch.as_tensor(rows, device=x.device), torch.as_tensor(items, device=x.device)] = -torch.inf
+        return scores, lengths > 0
+
+    def _sequence_recall(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """The ``k`` best-scored items per user with any known history item (torch.topk)."""
+        import torch
+
+        scores, known = self._sequence_scores(p, s, df)
+        users = np.flatnonzero(known)
+        k = min(p.get("k", 100), s["ids"].len())
+        with threadpool_limits(p.get("num_threads") or None):
+            top, cols = torch.topk(scores[torch.as_tensor(users, device=scores.device)], k, dim=1)
+        top, cols = top.cpu().numpy(), cols.cpu().numpy()
+        found = np.isfinite(top)
+        rows = np.repeat(users, k).reshape(len(users), k)[found]
+        ranks = np.arange(len(rows)) - np.searchsorted(rows, rows) + 1
+        return df.drop(["item_id", "score", "rank", "source"], strict=False)[rows].with_columns(
+            s["ids"].gather(cols[found] - 1).alias("item_id"), pl.Series("score", top[found], dtype=pl.Float32),
+            pl.Series("rank", ranks, dtype=pl.Int32), pl.lit(p.get("source", "sequence")).alias("source"))
+
+    def _sequence_features(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """Each candidate's score, rank among all items (1 + items scored higher) and log-softmax
+        probability under its user's scores; NaN for unknown items and users, and history items."""
+        import torch
+
+        names = list(p.get("features", ("score", "rank", "logp")))
+        prefix = p.get("prefix", "seq")
+        users = df.select("query_id", p.get("history_column", "history")).unique("query_id", maintain_order=True)
+        out = {n: np.full(df.height, np.nan, np.float32) for n in ("score", "rank", "logp")}
+        if df.height:
+            scores, known = self._sequence_scores(p, s, users)
+            q = (df.select("query_id").join(users.select("query_id").with_row_index("_u"), on="query_id",
+                                            how="left", maintain_order="left")["_u"].to_numpy().astype(np.int64))
+            item = (df.select(pl.col("item_id").cast(s["ids"].dtype, strict=False))
+                    .join(s["positions"].rename({"_item": "item_id"}), on="item_id", how="left", maintain_order="left")
+                    ["_p"].fill_null(0).to_numpy().astype(np.int64))
+            with threadpool_limits(p.get("num_threads") or None):
+                cand = scores[torch.as_tensor(q), torch.as_tensor(item)]
+                logp = (cand - torch.logsumexp(scores, dim=1)[torch.as_tensor(q)]).cpu().numpy()
+                ranked = np.sort(scores.cpu().numpy(), axis=1)
+            cand = cand.cpu().numpy()
+            rank = np.zeros(df.height, np.float32)
+            order = np.argsort(q, kind="stable")
+            bounds = np.searchsorted(q[order], np.arange(users.height + 1))
+            for u in range(users.height):  # 1 + the items scored higher, from the user's sorted scores
+                rows = order[bounds[u]:bounds[u + 1]]
+                rank[rows] = ranked.shape[1] - np.searchsorted(ranked[u], cand[rows], side="right") + 1
+            valid = known[q] & (item > 0) & np.isfinite(cand)
+            for n, v in (("score", cand), ("rank", rank), ("logp", logp)):
+                out[n] = np.where(valid, v, np.nan).astype(np.float32)
+        return df.with_columns([pl.Series(f"f_{prefix}_{n}", out[n], dtype=pl.Float32) for n in names])
 
     def _fused(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
         """Every source on the same queries; reciprocal-rank (or min-max weighted) fusion with Polars."""

@@ -517,3 +517,79 @@ def test_bare_baseline_resolves_the_config_version_in_artifact_paths():
     params = {"index": "artifacts/{version}/association", "sources": [{"stages": [{"params": {"index": "a/{version}"}}]}], "k": 3}
     assert bare._with_version(params, "v2") == {"index": "artifacts/v2/association",
                                                 "sources": [{"stages": [{"params": {"index": "a/v2"}}]}], "k": 3}
+
+
+def test_bare_sequence_recall_and_features_equal_funnel_s(tmp_path):
+    """The bare SASRec (plain torch modules loaded from the same safetensors) recalls the lists
+    recall.sequence does and gives features.sequence's score, rank and log-probability, for
+    histories longer than max_len, with unknown items, empty and null."""
+    import polars as pl
+
+    from indexes.faiss_index import FaissIndex
+    from pipeline.build import build_artifacts
+    from pipeline.config import PipelineConfig, load_config
+
+    rng = np.random.default_rng(3)
+    items = random_logs(rng, tmp_path)
+    xb, _ = synthetic_vectors(40, 8, n_queries=1, seed=2)
+    FaissIndex.build(xb, pa.array(items), factory="Flat", metric="ip", normalize=True).save(tmp_path / "content")
+    model = {"model": "seq", "content": "content", "dim": 16, "layers": 2, "heads": 2, "max_len": 4, "epochs": 2,
+             "batch_size": 32, "valid_users": 10, "num_threads": 1, "device": "cpu"}
+    PipelineConfig(stages=[{"type": "recall.sequence", "params": {**model, "k": 6}},
+                           {"type": "features.sequence", "params": model}],
+                   data={"logs": "logs.parquet"}, inputs={"query_id": "string", "history": "list<string>"}).save(tmp_path / "p.toml")
+    recall, feats = build_artifacts(load_config(tmp_path / "p.toml"), progress=False, log=lambda m: None).stages
+    recall.warm_up()
+    feats.warm_up()
+    histories = [[items[j] for j in rng.integers(0, 40, size=rng.integers(1, 9))] for _ in range(15)]
+    histories += [["i1", "unknown", "i2", "i3", "i4", "i5", "i6"], ["unknown"], [], None]
+    (tmp_path / "recall.toml").write_text('[[stages]]\ntype = "recall.sequence"\n'
+                                          f'params = {{ model = "seq", k = 6, num_threads = 1, device = "cpu" }}\n')
+    assert_bare_recall_matches(recall, tmp_path / "recall.toml", histories, min_rows=80)
+
+    queries = pa.table({"query_id": [f"q{n}" for n in range(len(histories))], "history": histories})
+    cands = pl.from_arrow(recall(queries)).vstack(pl.DataFrame(
+        {"query_id": ["q0", "q0", "q16", "q18"], "history": [histories[0], histories[0], histories[16], None],
+         "item_id": ["unknown", histories[0][0], "i1", "i2"], "score": [0.0] * 4, "rank": [7, 8, 1, 1],
+         "source": ["x"] * 4}, schema_overrides={"score": pl.Float32, "rank": pl.Int32}))
+    (tmp_path / "feats.toml").write_text('[[stages]]\ntype = "features.sequence"\n'
+                                         'params = { model = "seq", num_threads = 1, device = "cpu" }\n')
+    want = pl.from_arrow(feats(cands.to_arrow()))
+    got = BarePipeline(tmp_path / "feats.toml").run(cands).select(want.columns)
+    assert got.drop("^f_seq_.*$").equals(want.drop("^f_seq_.*$"))
+    for name in ("f_seq_score", "f_seq_rank", "f_seq_logp"):
+        np.testing.assert_allclose(got[name].to_numpy(), want[name].to_numpy(), rtol=1e-5, atol=1e-5)
+    assert np.isnan(want["f_seq_score"].to_numpy()[-4:-1]).all() and np.isfinite(want["f_seq_score"].to_numpy()[:-4]).all()
+
+
+@pytest.mark.parametrize("mode", ["history", "results"])
+def test_bare_vector_features_equal_funnel_s(tmp_path, mode):
+    """features.vectors in both modes: the bare cosines equal the stage's, NaN where it has NaN."""
+    import polars as pl
+
+    from indexes.faiss_index import FaissIndex
+    from stages.vector_features import VectorFeatures
+
+    xb, _ = synthetic_vectors(50, 8, n_queries=1, seed=4)
+    ids = [f"i{n}" for n in range(50)]
+    FaissIndex.build(xb, pa.array(ids), factory="Flat", metric="ip", normalize=True).save(tmp_path / "image")
+    rng = np.random.default_rng(5)
+    rows = []
+    for q in range(12):
+        hist = [ids[j] for j in rng.integers(0, 50, size=rng.integers(0, 5))] + (["unknown"] if q % 4 == 0 else [])
+        cands = [ids[j] for j in rng.permutation(50)[: rng.integers(1, 15)]] + (["zz"] if q % 3 == 0 else [])
+        ranks = rng.permutation(len(cands)) + 1
+        rows += [(f"q{q}", hist, c, int(r)) for c, r in zip(cands, ranks)]
+    table = pa.table({"query_id": [r[0] for r in rows], "history": [r[1] for r in rows], "item_id": [r[2] for r in rows],
+                      "rank": pa.array([r[3] for r in rows], pa.int32())})
+    params = {"source": "img", "mode": mode, "recency": 0.5, "top_m": 3}
+    stage = VectorFeatures(index=str(tmp_path / "image"), **params)
+    want = pl.from_arrow(stage(table))
+    (tmp_path / "v.toml").write_text('[[stages]]\ntype = "features.vectors"\n'
+                                     f'params = {{ index = "image", source = "img", mode = "{mode}", recency = 0.5, top_m = 3 }}\n')
+    got = BarePipeline(tmp_path / "v.toml").run(table).select(want.columns)
+    names = stage.produced_columns().names
+    assert got.drop(names).equals(want.drop(names))
+    for name in names:
+        assert np.isfinite(want[name].to_numpy()).sum() > len(rows) // 2
+        np.testing.assert_allclose(got[name].to_numpy(), want[name].to_numpy(), rtol=1e-5, atol=1e-6)
