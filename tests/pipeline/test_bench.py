@@ -593,3 +593,26 @@ def test_bare_vector_features_equal_funnel_s(tmp_path, mode):
     for name in names:
         assert np.isfinite(want[name].to_numpy()).sum() > len(rows) // 2
         np.testing.assert_allclose(got[name].to_numpy(), want[name].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_bare_cross_encoder_rerank_equals_funnel_s(tmp_path):
+    """rerank.cross_encoder: bare CrossEncoder.predict on the top k, the same new order, scores and features."""
+    import polars as pl
+
+    from stages.cross_encoder import CrossEncoderReranker, save_untrained
+
+    save_untrained(tmp_path / "ce", layers=1)
+    words = ["drill", "bit", "saw", "blade", "paint", "brush", "white", "cordless", "hammer", "nail", "wood", "screw"]
+    rows = [{"query_id": q, "query": f"{words[q]} {words[q + 2]}", "item_id": f"i{q}-{r}",
+             "title": None if r == 3 else " ".join(words[(q + r + j) % 12] for j in range(1 + r % 5)),
+             "score": float(20 - r), "rank": r + 1} for q in range(5) for r in range(9)]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("query_id", pa.int64()), ("query", pa.string()), ("item_id", pa.string()),
+                                                         ("title", pa.string()), ("score", pa.float32()), ("rank", pa.int32())]))
+    want = pl.from_arrow(CrossEncoderReranker(model=str(tmp_path / "ce"), k=4, precision="fp32", device="cpu")(table))
+    (tmp_path / "ce.toml").write_text('[[stages]]\ntype = "rerank.cross_encoder"\n'
+                                      'params = { model = "ce", k = 4, precision = "fp32", device = "cpu" }\n')
+    got = BarePipeline(tmp_path / "ce.toml").run(table).select(want.columns)
+    assert got.select("query_id", "item_id", "rank", "recall_rank").rows() == want.select("query_id", "item_id", "rank", "recall_rank").rows()
+    for name in ("score", "recall_score", "f_ce_score", "f_prev_score"):
+        np.testing.assert_allclose(got[name].to_numpy(), want[name].to_numpy(), rtol=1e-5, atol=1e-5)
+    assert np.isfinite(want["f_ce_score"].to_numpy()).sum() == 20

@@ -6,6 +6,7 @@ import pickle
 import random
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -225,3 +226,24 @@ def test_home_depot_attributes_are_learnt(tmp_path):
     acc = json.loads((tmp_path / "qu/manifest.json").read_text())["valid_accuracy"]
     assert acc["type"]["accuracy"] > acc["type"]["majority_baseline"] + 0.2  # 0.40 against 0.12 (2026-12-01)
     assert acc["brand"]["accuracy"] > acc["brand"]["majority_baseline"]
+
+
+@pytest.mark.parametrize("boost", [0.0, 1.0])
+def test_bare_baseline_gives_the_same_features(built, boost):
+    """pipeline/bench/bare.py's query understanding (written out again, no Funnel import) gives the
+    stage's features, rank and score: for a training query (out-of-fold probabilities) and new ones."""
+    from pipeline.bench.bare import BarePipeline
+
+    root, _, stage = built
+    seen = stage.oof_.row(0, named=True)
+    table = pa.concat_tables([_candidates("dewalt vac"), _candidates("red drill 50 ft", query_id=10_001),
+                              _candidates(seen["query"], query_id=seen["query_id"]), _candidates("", query_id=10_002)])
+    want = pl.from_arrow(stage.clone(boost=boost)(table))
+    (root / "bare.toml").write_text('[[stages]]\ntype = "features.query_understanding"\n'
+                                    f'params = {{ model = "artifacts/qu", boost = {boost} }}\n')
+    got = BarePipeline(root / "bare.toml").run(table).select(want.columns)
+    names = [c for c in want.columns if c.startswith("f_qu_")]
+    assert got.select("query_id", "item_id", "rank").equals(want.select("query_id", "item_id", "rank"))
+    for name in [*names, "score"]:
+        np.testing.assert_allclose(got[name].to_numpy(), want[name].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert (want["f_qu_type"] > 0.1).sum() > 10
