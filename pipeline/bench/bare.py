@@ -769,40 +769,65 @@ class BarePipeline:
                               maintain_order="left").with_columns(pl.col(alias).cast(pl.Int64))
 
         if "assoc" in s:
+            # the neighbour table as a SciPy CSR matrix (built once), looked up per (candidate,
+            # history item) pair; per candidate sums and extremes with NumPy's bincount / ufunc.at
+            from scipy import sparse
+
             a = s["assoc"]
-            nb = a["pairs"].with_columns(pl.col("item").cast(pl.Int64), pl.col("neighbour").cast(pl.Int64))
+            if "matrix" not in a:
+                nb, m = a["pairs"], a["ids"].len()
+                a["matrix"] = sparse.csr_matrix((nb["score"].to_numpy(), (nb["item"].to_numpy(), nb["neighbour"].to_numpy())),
+                                                shape=(m, m))
             pr = position(position(pairs, "_h", a, "_hp"), "item_id", a, "_ip")
-            pr = (pr.join(nb, left_on=["_hp", "_ip"], right_on=["item", "neighbour"], how="left", maintain_order="left")
-                  .with_columns(pl.col("score").fill_null(0.0)))
-            best = pl.col("score").max()
-            agg = pr.group_by("_row").agg(
-                pl.col("score").filter(pl.col("_back") == 0).sum().alias("assoc_last"),
-                pl.col("score").filter(pl.col("_back") == 1).sum().alias("assoc_prev"),
-                (pl.col("score") * pl.lit(recency, pl.Float64) ** pl.col("_back")).sum().alias("assoc_sum"),
-                pl.max_horizontal(best, 0.0).alias("assoc_max"),
-                (pl.col("score") > 0).sum().cast(pl.Float64).alias("assoc_hits"),
-                pl.col("_back").filter((pl.col("score") > 0) & (pl.col("score") == best)).min().cast(pl.Float64)
-                .alias("assoc_match_pos"))
-            last = position(position(pairs.filter(pl.col("_back") == 0), "_h", a, "_lp"), "item_id", a, "_ip")
-            last = (last.join(nb, left_on=["_ip", "_lp"], right_on=["item", "neighbour"], how="left")
-                    .select("_row", pl.col("score").fill_null(0.0).alias("assoc_reverse_last")))
-            got = rows.join(agg, on="_row", how="left").join(last, on="_row", how="left").sort("_row")
-            for n in ("assoc_last", "assoc_prev", "assoc_sum", "assoc_max", "assoc_hits", "assoc_reverse_last"):
-                feats[n] = got[n].fill_null(0.0)
-            feats["assoc_match_pos"] = got["assoc_match_pos"].fill_null(float("nan"))
+            hp, ip = pr["_hp"].fill_null(-1).to_numpy(), pr["_ip"].fill_null(-1).to_numpy()
+            prow, back = pr["_row"].to_numpy().astype(np.int64), pr["_back"].to_numpy()
+
+            def lookup(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+                out, ok = np.zeros(len(x)), (x >= 0) & (y >= 0)
+                if ok.any():
+                    out[ok] = np.asarray(a["matrix"][x[ok], y[ok]]).ravel()
+                return out
+
+            n, score, last = df.height, lookup(hp, ip), back == 0
+            best, match = np.zeros(n), np.full(n, np.inf)
+            np.maximum.at(best, prow, score)
+            hit = (score > 0) & (score == best[prow])
+            np.minimum.at(match, prow[hit], back[hit])
+            reverse = np.zeros(n)
+            reverse[prow[last]] = lookup(ip[last], hp[last])
+            feats.update({
+                "assoc_last": pl.Series(np.bincount(prow[last], weights=score[last], minlength=n)),
+                "assoc_prev": pl.Series(np.bincount(prow[back == 1], weights=score[back == 1], minlength=n)),
+                "assoc_sum": pl.Series(np.bincount(prow, weights=score * recency ** back.astype(np.float64), minlength=n)),
+                "assoc_max": pl.Series(best), "assoc_hits": pl.Series(np.bincount(prow, weights=score > 0, minlength=n)),
+                "assoc_match_pos": pl.Series(np.where(np.isfinite(match), match, np.nan)),
+                "assoc_reverse_last": pl.Series(reverse)})
         if "content" in s:
+            # per query, one small matrix product: its candidates' stored vectors against its
+            # history's (a vector per (candidate, history item) pair would gather gigabytes)
             c = s["content"]
-            pr = position(position(pairs, "_h", c, "_hp"), "item_id", c, "_ip").drop_nulls(["_hp", "_ip"])
-            sims = np.einsum("ij,ij->i", c["vectors"][pr["_ip"].to_numpy()], c["vectors"][pr["_hp"].to_numpy()])
-            pr = pr.with_columns(pl.Series("_sim", sims, dtype=pl.Float32).cast(pl.Float64),
-                                 (pl.lit(recency, pl.Float64) ** pl.col("_back")).alias("_w"))
-            agg = pr.group_by("_row").agg(
-                pl.col("_sim").filter(pl.col("_back") == 0).first().alias("sim_last"),
-                pl.col("_sim").max().alias("sim_max"),
-                ((pl.col("_sim") * pl.col("_w")).sum() / pl.col("_w").sum()).alias("sim_mean"))
-            got = rows.join(agg, on="_row", how="left").sort("_row")
-            for n in ("sim_last", "sim_max", "sim_mean"):
-                feats[n] = got[n].fill_null(float("nan"))
+            hist = position(base.select("query_id", "_h", "_n").unique("query_id", maintain_order=True)
+                            .with_row_index("_qi").explode("_h")
+                            .with_columns((pl.col("_n") - 1 - pl.int_range(pl.len()).over("_qi")).alias("_back")),
+                            "_h", c, "_hp").filter(pl.col("_hp").is_not_null() & (pl.col("_n") > 0))
+            cand = position(base.select("_row", "query_id", "item_id"), "item_id", c, "_ip").join(
+                hist.select("query_id", "_qi").unique("query_id"), on="query_id", how="inner").drop_nulls("_ip").sort("_qi")
+            sim = {n: np.full(df.height, np.nan) for n in ("sim_last", "sim_max", "sim_mean")}
+            hq, cq = hist["_qi"].to_numpy(), cand["_qi"].to_numpy()
+            hp, hb = hist["_hp"].to_numpy(), hist["_back"].to_numpy()
+            cp, crow = cand["_ip"].to_numpy(), cand["_row"].to_numpy()
+            qis = np.unique(cq)
+            hs, he = np.searchsorted(hq, qis), np.searchsorted(hq, qis, side="right")
+            cs, ce = np.searchsorted(cq, qis), np.searchsorted(cq, qis, side="right")
+            with threadpool_limits(1):
+                for a, b, x, y in zip(hs, he, cs, ce):
+                    sims = c["vectors"][cp[x:y]] @ c["vectors"][hp[a:b]].T
+                    w = recency ** hb[a:b].astype(np.float64)
+                    sim["sim_max"][crow[x:y]] = sims.max(axis=1)
+                    sim["sim_mean"][crow[x:y]] = sims @ w / w.sum()
+                    if (hb[a:b] == 0).any():
+                        sim["sim_last"][crow[x:y]] = sims[:, np.flatnonzero(hb[a:b] == 0)[0]]
+            feats.update({n: pl.Series(v) for n, v in sim.items()})
         if "pop" in s:
             pop = s["pop"].with_columns(pl.col("item_id").cast(df.schema["item_id"], strict=False))
             got = df.select("item_id").join(pop, on="item_id", how="left", maintain_order="left")
