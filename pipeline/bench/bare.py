@@ -470,7 +470,12 @@ class BarePipeline:
             folder = self._path(p.get("index", "artifacts/association"))
             ids = pl.from_arrow(pq.read_table(folder / "items.parquet").column("item_id").combine_chunks())
             pairs = pl.read_parquet(folder / "neighbours.parquet").with_columns(pl.col("score").cast(pl.Float64))
-            return {"ids": ids, "pairs": pairs, "positions": ids.to_frame("_item").with_row_index("_p")}
+            from scipy import sparse
+
+            # the same table as a SciPy CSR matrix, for per-pair lookups (features.history)
+            matrix = sparse.csr_matrix((pairs["score"].to_numpy(), (pairs["item"].to_numpy(), pairs["neighbour"].to_numpy())),
+                                       shape=(ids.len(), ids.len()))
+            return {"ids": ids, "pairs": pairs, "matrix": matrix, "positions": ids.to_frame("_item").with_row_index("_p")}
         if kind == "display.mmr":
             if not p.get("index"):
                 return {}
@@ -769,15 +774,9 @@ class BarePipeline:
                               maintain_order="left").with_columns(pl.col(alias).cast(pl.Int64))
 
         if "assoc" in s:
-            # the neighbour table as a SciPy CSR matrix (built once), looked up per (candidate,
-            # history item) pair; per candidate sums and extremes with NumPy's bincount / ufunc.at
-            from scipy import sparse
-
+            # the neighbour matrix looked up per (candidate, history item) pair; per candidate sums
+            # and extremes with NumPy's bincount / ufunc.at
             a = s["assoc"]
-            if "matrix" not in a:
-                nb, m = a["pairs"], a["ids"].len()
-                a["matrix"] = sparse.csr_matrix((nb["score"].to_numpy(), (nb["item"].to_numpy(), nb["neighbour"].to_numpy())),
-                                                shape=(m, m))
             pr = position(position(pairs, "_h", a, "_hp"), "item_id", a, "_ip")
             hp, ip = pr["_hp"].fill_null(-1).to_numpy(), pr["_ip"].fill_null(-1).to_numpy()
             prow, back = pr["_row"].to_numpy().astype(np.int64), pr["_back"].to_numpy()
@@ -809,7 +808,7 @@ class BarePipeline:
             hist = position(base.select("query_id", "_h", "_n").unique("query_id", maintain_order=True)
                             .with_row_index("_qi").explode("_h")
                             .with_columns((pl.col("_n") - 1 - pl.int_range(pl.len()).over("_qi")).alias("_back")),
-                            "_h", c, "_hp").filter(pl.col("_hp").is_not_null() & (pl.col("_n") > 0))
+                            "_h", c, "_hp").drop_nulls("_hp")
             cand = position(base.select("_row", "query_id", "item_id"), "item_id", c, "_ip").join(
                 hist.select("query_id", "_qi").unique("query_id"), on="query_id", how="inner").drop_nulls("_ip").sort("_qi")
             sim = {n: np.full(df.height, np.nan) for n in ("sim_last", "sim_max", "sim_mean")}
@@ -820,13 +819,14 @@ class BarePipeline:
             hs, he = np.searchsorted(hq, qis), np.searchsorted(hq, qis, side="right")
             cs, ce = np.searchsorted(cq, qis), np.searchsorted(cq, qis, side="right")
             with threadpool_limits(1):
-                for a, b, x, y in zip(hs, he, cs, ce):
-                    sims = c["vectors"][cp[x:y]] @ c["vectors"][hp[a:b]].T
-                    w = recency ** hb[a:b].astype(np.float64)
-                    sim["sim_max"][crow[x:y]] = sims.max(axis=1)
-                    sim["sim_mean"][crow[x:y]] = sims @ w / w.sum()
-                    if (hb[a:b] == 0).any():
-                        sim["sim_last"][crow[x:y]] = sims[:, np.flatnonzero(hb[a:b] == 0)[0]]
+                for h0, h1, c0, c1 in zip(hs, he, cs, ce):
+                    rows_, backs = crow[c0:c1], hb[h0:h1]
+                    sims = c["vectors"][cp[c0:c1]] @ c["vectors"][hp[h0:h1]].T
+                    w = recency ** backs.astype(np.float64)
+                    sim["sim_max"][rows_] = sims.max(axis=1)
+                    sim["sim_mean"][rows_] = sims @ w / w.sum()
+                    if (backs == 0).any():
+                        sim["sim_last"][rows_] = sims[:, np.flatnonzero(backs == 0)[0]]
             feats.update({n: pl.Series(v) for n, v in sim.items()})
         if "pop" in s:
             pop = s["pop"].with_columns(pl.col("item_id").cast(df.schema["item_id"], strict=False))
