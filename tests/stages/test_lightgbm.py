@@ -72,6 +72,33 @@ def test_rerank_and_group_sizes():
     assert _group_sizes(pl.Series(["b", "b", "a", "a", "a"])).tolist() == [2, 3]
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_rerank_numpy_runs_match_the_general_order(contiguous):
+    """Contiguous queries take a NumPy path; it must give the order and ranks (ties in input order)
+    of the general one, which split queries still take."""
+    import polars as pl
+    from stages.lightgbm import _query_runs
+
+    rng = np.random.default_rng(0)
+    ids = np.repeat(rng.permutation(40), rng.integers(1, 30, 40)).astype(str)
+    if not contiguous:
+        ids = rng.permutation(ids)
+    n = len(ids)
+    values = np.array([-2.5, -0.0, 0.0, 0.0, 1.5, 3.0, np.inf, -np.inf], np.float32)
+    scores = values[rng.integers(0, len(values), n)]  # many ties, signed zeros, infinities
+    table = pa.table({"query_id": ids, "item_id": np.arange(n), "score": pa.array(np.zeros(n), pa.float32()),
+                      "rank": pa.array(np.ones(n), pa.int32())})
+    assert (_query_runs(table.column("query_id")) is not None) == contiguous
+    out = rerank(table, scores)
+    expect = (pl.DataFrame({"q": ids, "s": scores}).with_row_index("row")
+              .with_columns(pl.col("row").min().over("q").alias("first"),
+                            pl.col("s").rank("ordinal", descending=True).over("q").alias("rank"))
+              .sort(["first", "rank"]))
+    assert out.column("item_id").to_pylist() == expect["row"].to_list()
+    assert out.column("rank").to_pylist() == expect["rank"].to_list()
+    assert out.column("recall_score").to_pylist() == [0.0] * n
+
+
 def test_bad_training_params_fail_at_composition():
     with pytest.raises(Exception, match="'holdout_fraction' parameter of stage 'rank.lightgbm'"):
         LightGBMRanker(holdout_fraction=1.5).validate_params()
