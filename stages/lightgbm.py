@@ -51,6 +51,8 @@ def _query_runs(ids: pa.ChunkedArray | pa.Array) -> np.ndarray | None:
     """Start offsets of each query's rows (plus the end) when every query's rows are one contiguous
     run, as the stages before a ranker emit them; ``None`` when some query's rows are split."""
     ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.dictionary_decode()
     n = len(ids)
     if n == 0:
         return np.zeros(1, np.int64)

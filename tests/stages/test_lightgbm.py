@@ -72,8 +72,9 @@ def test_rerank_and_group_sizes():
     assert _group_sizes(pl.Series(["b", "b", "a", "a", "a"])).tolist() == [2, 3]
 
 
+@pytest.mark.parametrize("dictionary", [False, True])
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_rerank_numpy_runs_match_the_general_order(contiguous):
+def test_rerank_numpy_runs_match_the_general_order(contiguous, dictionary):
     """Contiguous queries take a NumPy path; it must give the order and ranks (ties in input order)
     of the general one, which split queries still take."""
     import polars as pl
@@ -86,7 +87,8 @@ def test_rerank_numpy_runs_match_the_general_order(contiguous):
     n = len(ids)
     values = np.array([-2.5, -0.0, 0.0, 0.0, 1.5, 3.0, np.inf, -np.inf], np.float32)
     scores = values[rng.integers(0, len(values), n)]  # many ties, signed zeros, infinities
-    table = pa.table({"query_id": ids, "item_id": np.arange(n), "score": pa.array(np.zeros(n), pa.float32()),
+    table = pa.table({"query_id": pa.array(ids).dictionary_encode() if dictionary else ids, "item_id": np.arange(n),
+                      "score": pa.array(np.zeros(n), pa.float32()),
                       "rank": pa.array(np.ones(n), pa.int32())})
     assert (_query_runs(table.column("query_id")) is not None) == contiguous
     out = rerank(table, scores)
