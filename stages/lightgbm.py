@@ -582,12 +582,12 @@ class LightGBMRanker(Stage):
         return booster, params, valid_ndcg, best
 
 
-def sample_queries(queries: pa.Table, n: int | None, seed: int) -> pa.Table:
-    """At most ``n`` of ``queries``: those whose ids hash lowest under ``seed`` (the same ids on every
-    machine and in any row order, as :func:`pipeline.data.holdout_mask`), kept in their order."""
+def sample_queries(queries: pa.Table, n: int | None, seed: int, column: str = QUERY_ID) -> pa.Table:
+    """At most ``n`` of ``queries``: those whose ids (``column``) hash lowest under ``seed`` (the same
+    ids on every machine and in any row order, as :func:`pipeline.data.holdout_mask`), kept in their order."""
     if n is None or queries.num_rows <= n:
         return queries
-    ids = queries.column(QUERY_ID).to_pylist()
+    ids = queries.column(column).to_pylist()
     keys = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:sample:{q}".encode(), digest_size=8).digest(), "big")
                      for q in ids], dtype=np.uint64)
     keep = np.sort(np.argsort(keys, kind="stable")[:n])

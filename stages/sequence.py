@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import MANIFEST, build_key, read_manifest, sha256_file, verify_files, write_json_atomic
-from pipeline.build import BuildContext
+from pipeline.build import BuildContext, check_fits
 from pipeline.columns import HISTORY, ITEM_ID, QUERY_ID, RANK, SCORE, SOURCE
 from pipeline.errors import ArtifactError, DataError
 from pipeline.schema import ANY, keep_input_types
@@ -51,7 +51,14 @@ SEQUENCE_FEATURES = {
 }
 #: the training parameters (shared by both stages; the build key is made of them)
 TRAIN_PARAMS = ("dim", "layers", "heads", "max_len", "dropout", "epochs", "batch_size", "lr", "negatives",
-                "patience", "valid_users", "seed")
+                "patience", "valid_users", "seed", "max_train_users")
+#: most scores held at once when users are scored against every item (floats, 64 MB): the
+#: (users x items) matrix is computed in blocks of columns at most this large, so a catalogue of
+#: millions of items is scored in bounded memory (a catalogue that fits in one block, as Beauty's
+#: 12,101 items for 256 users do, is scored in one matrix product)
+SCORE_BLOCK = 1 << 24
+#: bytes per training user beyond its padded input and target rows (its array and list entry)
+BYTES_PER_USER = 160
 
 
 def _sasrec_class():
@@ -117,6 +124,45 @@ def _padded(histories: list[np.ndarray], max_len: int) -> np.ndarray:
     return out
 
 
+def _score_blocks(user_vecs, vectors, histories: list[np.ndarray]):
+    """``(first column, block)`` over column blocks of ``user_vecs @ vectors.T`` (at most
+    :data:`SCORE_BLOCK` scores each); column 0 (padding) and each user's own history rows are
+    ``-inf``. Histories hold 1-based rows, no zeros."""
+    import torch
+
+    n_users, n_cols = user_vecs.shape[0], vectors.shape[0]
+    width = max(1, SCORE_BLOCK // max(n_users, 1))
+    rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+    cols = np.concatenate(histories).astype(np.int64) if len(rows) else np.zeros(0, np.int64)
+    for lo in range(0, n_cols, width):
+        hi = min(lo + width, n_cols)
+        block = user_vecs @ vectors[lo:hi].T
+        if lo == 0:
+            block[:, 0] = -torch.inf
+        inside = (cols >= lo) & (cols < hi)
+        if inside.any():
+            block[torch.as_tensor(rows[inside], device=block.device),
+                  torch.as_tensor(cols[inside] - lo, device=block.device)] = -torch.inf
+        yield lo, block
+
+
+def _top_k(user_vecs, vectors, histories: list[np.ndarray], k: int):
+    """Each user's ``k`` best ``(scores, 1-based item rows)``, best first, merged block by block
+    (one ``torch.topk`` when the catalogue fits in one block)."""
+    import torch
+
+    best = rows = None
+    for lo, block in _score_blocks(user_vecs, vectors, histories):
+        vals, cols = torch.topk(block, min(k, block.shape[1]), dim=1)
+        cols = cols + lo
+        if best is not None:
+            vals, cols = torch.cat([best, vals], dim=1), torch.cat([rows, cols], dim=1)
+            vals, pick = torch.topk(vals, min(k, vals.shape[1]), dim=1)
+            cols = torch.gather(cols, 1, pick)
+        best, rows = vals, cols
+    return best, rows
+
+
 def train_sequence_model(sequences: list[np.ndarray], n_items: int, content: np.ndarray | None, *, dim: int = 64,
                          layers: int = 2, heads: int = 2, max_len: int = 50, dropout: float = 0.2, epochs: int = 30,
                          batch_size: int = 256, lr: float = 2e-3, negatives: int = 1024, patience: int = 3,
@@ -175,11 +221,8 @@ def train_sequence_model(sequences: list[np.ndarray], n_items: int, content: np.
             vectors = model.item_vectors()
             for start in range(0, len(valid_hist), 1024):
                 hist = valid_hist[start:start + 1024]
-                scores = _user_vectors(model, hist, model.pos.num_embeddings, device, vectors) @ vectors.T
-                scores[:, 0] = -torch.inf
-                rows = np.repeat(np.arange(len(hist)), [len(h) for h in hist])
-                scores[torch.as_tensor(rows), torch.as_tensor(np.concatenate(hist))] = -torch.inf
-                top = torch.topk(scores, 10, dim=1).indices.cpu().numpy()
+                user_vecs = _user_vectors(model, hist, model.pos.num_embeddings, device, vectors)
+                top = _top_k(user_vecs, vectors, hist, 10)[1].cpu().numpy()
                 hits += int((top == valid_target[start:start + len(hist), None]).any(axis=1).sum())
         return hits / len(valid_target)
 
@@ -248,6 +291,10 @@ _MODEL_ARGS = """        model: artifact folder of the model, relative to the co
         patience: epochs without a validation gain before training stops (build).
         valid_users: users whose last item is held out for early stopping (build).
         seed: seed of sampling and initialisation (build).
+        max_train_users: train on at most this many users, those whose ids hash lowest under
+            ``seed`` (``None``: all), so a shop with tens of millions of users builds in bounded
+            memory and time; every logged item still gets a vector (build). A build that would not
+            fit in memory stops before training and names this parameter.
         num_threads: CPU threads for torch; 0 leaves the default.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (training and scoring).
 """
@@ -307,20 +354,65 @@ class SequenceModel:
         """1-based row of each id; 0 for ids the model does not know."""
         return lookup_positions(ids, self.ids) + 1
 
-    def scores(self, histories: list[np.ndarray]):
-        """(users, items + 1) next-item scores (torch, on the model's device); column 0 and each
-        user's own history items are -inf. Histories hold 1-based rows; unknown items (0) are dropped."""
+    def _user_vectors(self, histories: list[np.ndarray]):
+        return _user_vectors(self.model, histories, self.config["max_len"], self.device, self.vectors)
+
+    def top_k(self, histories: list[np.ndarray], k: int):
+        """Each user's ``k`` best next items as ``(scores, 1-based rows)`` torch tensors on the
+        model's device, best first; the user's own history items and row 0 excluded (``-inf``
+        where fewer than ``k`` remain). Histories hold 1-based rows; unknown items (0) are
+        dropped. Scored block by block (:data:`SCORE_BLOCK`), never the whole users x items matrix."""
         import torch
 
         hist = [h[h > 0] for h in histories]
         with torch.no_grad():
-            scores = _user_vectors(self.model, hist, self.config["max_len"], self.device, self.vectors) @ self.vectors.T
-            scores[:, 0] = -torch.inf
-            rows = np.repeat(np.arange(len(hist)), [len(h) for h in hist])
-            if len(rows):
-                scores[torch.as_tensor(rows, device=self.device),
-                       torch.as_tensor(np.concatenate(hist), device=self.device)] = -torch.inf
-        return scores
+            return _top_k(self._user_vectors(hist), self.vectors, hist, k)
+
+    def candidate_scores(self, histories: list[np.ndarray], users: np.ndarray, items: np.ndarray):
+        """``(score, logp, rank)`` of each candidate (user ``users[i]``, 1-based item row
+        ``items[i]``) as float32 arrays: the next-item score, its log-softmax over every item, and
+        1 + the number of items scored higher (history items and row 0 count as ``-inf``). Two
+        passes over the score blocks (:data:`SCORE_BLOCK`; one when the catalogue fits in a block):
+        scores and the softmax's normaliser, then the items above each candidate's score."""
+        import torch
+
+        hist = [h[h > 0] for h in histories]
+        n = len(users)
+        with torch.no_grad():
+            user_vecs = self._user_vectors(hist)
+            blocks = _score_blocks(user_vecs, self.vectors, hist)
+            first = next(blocks)
+            if first[1].shape[1] == self.vectors.shape[0]:
+                blocks = [first]  # one block: kept for the second pass instead of computed again
+            else:
+                blocks = None
+            dev = user_vecs.device
+            q, cols = torch.as_tensor(users, device=dev), torch.as_tensor(items, device=dev)
+            score = torch.full((n,), float("nan"), device=dev)
+            norms = []
+            for lo, block in blocks or _score_blocks(user_vecs, self.vectors, hist):
+                inside = (cols >= lo) & (cols < lo + block.shape[1])
+                score[inside] = block[q[inside], cols[inside] - lo]
+                norms.append(torch.logsumexp(block, dim=1))
+            logp = score - torch.logsumexp(torch.stack(norms, dim=1), dim=1)[q]
+            # candidates as a (users x most candidates per user) matrix, +inf padded, for one
+            # batched searchsorted per block
+            order = np.argsort(users, kind="stable")
+            counts = np.bincount(users, minlength=len(hist))
+            slot = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+            grid = torch.full((len(hist), max(int(counts.max(initial=0)), 1)), float("inf"), device=dev)
+            at_q, at_slot = torch.as_tensor(users[order], device=dev), torch.as_tensor(slot, device=dev)
+            grid[at_q, at_slot] = score[torch.as_tensor(order, device=dev)]
+            above = torch.zeros_like(grid)
+            for lo, block in blocks or _score_blocks(user_vecs, self.vectors, hist):
+                # NumPy's sort is about 2x torch's on a CPU; torch's on a GPU
+                ranked = (torch.sort(block, dim=1).values if block.is_cuda
+                          else torch.from_numpy(np.sort(block.numpy(), axis=1)))
+                above += block.shape[1] - torch.searchsorted(ranked, grid, right=True)
+            rank = torch.empty(n, device=dev)
+            rank[torch.as_tensor(order, device=dev)] = above[at_q, at_slot] + 1
+        return (score.cpu().numpy().astype(np.float32), logp.cpu().numpy().astype(np.float32),
+                rank.cpu().numpy().astype(np.float32))
 
 
 class _SequenceStage(Stage):
@@ -332,7 +424,8 @@ class _SequenceStage(Stage):
     same_results_params = ("num_threads",)
 
     def _init_model_params(self, model, content, history_column, dim, layers, heads, max_len, dropout, epochs,
-                           batch_size, lr, negatives, patience, valid_users, seed, num_threads, device) -> None:
+                           batch_size, lr, negatives, patience, valid_users, seed, max_train_users, num_threads,
+                           device) -> None:
         self.model = model
         self.content = content
         self.history_column = history_column
@@ -348,6 +441,7 @@ class _SequenceStage(Stage):
         self.patience = patience
         self.valid_users = valid_users
         self.seed = seed
+        self.max_train_users = max_train_users
         self.num_threads = num_threads
         self.device = device
 
@@ -359,6 +453,8 @@ class _SequenceStage(Stage):
         for p in ("negatives", "valid_users", "seed", "num_threads"):
             if not _is_int(getattr(self, p)) or getattr(self, p) < 0:
                 raise self._bad_param(p, "an int >= 0")
+        if self.max_train_users is not None and (not _is_int(self.max_train_users) or self.max_train_users < 1):
+            raise self._bad_param("max_train_users", "None (all) or an int >= 1")
         if self.dim % self.heads:
             raise self._bad_param("heads", f"a divisor of dim ({self.dim})")
         if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
@@ -383,8 +479,10 @@ class _SequenceStage(Stage):
         parameters share one build)."""
         import torch
 
-        from pipeline.data import read_logs
+        from pipeline.data import LOG_ITEMS, LOG_USER, read_logs
         from pipeline.device import resolve_device
+
+        from .lightgbm import sample_queries
 
         self.validate_params()
         folder = self.resolve_path(self.model)
@@ -398,9 +496,8 @@ class _SequenceStage(Stage):
         key = build_key(kind=KIND, params=params, logs=sha256_file(logs_path), content=content_key)
         if not ctx.force and (folder / MANIFEST).exists() and read_manifest(folder, what=WHAT).get("build_key") == key:
             return f"{self.name}: up to date ({folder})"
-        logs = read_logs(logs_path).column("items").combine_chunks()
-        logs = logs.drop_null() if logs.null_count else logs
-        flat = pc.list_flatten(logs)
+        table = read_logs(logs_path)
+        flat = pc.list_flatten(table.column(LOG_ITEMS).combine_chunks())
         if flat.null_count:
             raise DataError(f"stage '{self.name}': the logs {logs_path} hold null item ids")
         vectors = None
@@ -411,12 +508,20 @@ class _SequenceStage(Stage):
             ids, _ = encode_sorted(pa.concat_arrays([vectors.ids.cast(flat.type), flat]) if len(flat) else vectors.ids)
         else:
             ids, _ = encode_sorted(flat)
+        # every logged item gets a row; the sequences are those of at most max_train_users users
+        logs = sample_queries(table, self.max_train_users, self.seed, column=LOG_USER).column(LOG_ITEMS).combine_chunks()
+        logs = logs.drop_null() if logs.null_count else logs
+        content_dim = 0 if vectors is None else vectors.vectors.shape[1]
+        check_fits(self.name, f"training on {len(logs)} users' histories (max_len {self.max_len}) over {len(ids)} items",
+                   len(logs) * (self.max_len * 16 + BYTES_PER_USER) + len(ids) * (self.dim * 16 + content_dim * 8),
+                   "max_train_users", self.max_train_users)
+        flat = pc.list_flatten(logs)
         rows = lookup_positions(flat, ids) + 1
         lengths = pc.list_value_length(logs).to_numpy(zero_copy_only=False).astype(np.int64)
         sequences = np.split(rows, np.cumsum(lengths)[:-1])
         content = None
         if vectors is not None:
-            content = np.zeros((len(ids), vectors.vectors.shape[1]), np.float32)
+            content = np.zeros((len(ids), content_dim), np.float32)
             where = vectors.rows(ids)
             content[where >= 0] = vectors.vectors[where[where >= 0]]
         device = resolve_device(self.device, stage=self.name, supported=self.tags.devices)
@@ -455,8 +560,9 @@ class SequenceRecall(_SequenceStage):
     """Recall the ``k`` items a SASRec model scores highest as the user's next item.
 
     The user vector is the transformer's output after the last ``max_len`` history items
-    (unknown ids skipped); every catalogue item is scored exactly (one matrix product on
-    ``device``), the user's own items excluded. Long form out (``item_id``, ``score``,
+    (unknown ids skipped); every catalogue item is scored exactly (matrix products on
+    ``device`` over blocks of at most :data:`SCORE_BLOCK` scores, so memory does not grow with
+    the catalogue), the user's own items excluded. Long form out (``item_id``, ``score``,
     ``rank``, ``source``); a user with no known history item gets no rows.
 
     ``funnel build`` trains the model on ``[data] logs`` (see :func:`train_sequence_model`)
@@ -476,11 +582,13 @@ class SequenceRecall(_SequenceStage):
                  content: str | None = None, history_column: str = HISTORY, dim: int = 64,
                  layers: int = 2, heads: int = 2, max_len: int = 50, dropout: float = 0.2, epochs: int = 30,
                  batch_size: int = 256, lr: float = 0.002, negatives: int = 1024, patience: int = 3,
-                 valid_users: int = 1000, seed: int = 0, num_threads: int = 0, device: str = "auto"):
+                 valid_users: int = 1000, seed: int = 0, max_train_users: int | None = 1_000_000,
+                 num_threads: int = 0, device: str = "auto"):
         self.k = k
         self.source = source
         self._init_model_params(model, content, history_column, dim, layers, heads, max_len, dropout, epochs,
-                                batch_size, lr, negatives, patience, valid_users, seed, num_threads, device)
+                                batch_size, lr, negatives, patience, valid_users, seed, max_train_users,
+                                num_threads, device)
 
     def required_columns(self) -> pa.Schema:
         return pa.schema([pa.field(QUERY_ID, ANY), pa.field(self.history_column, pa.list_(ANY))])
@@ -493,8 +601,6 @@ class SequenceRecall(_SequenceStage):
             raise self._bad_param("source", "a non-empty string")
 
     def transform(self, table: pa.Table) -> pa.Table:
-        import torch
-
         seq: SequenceModel = self.model_
         histories = self._histories(table)
         users = np.array([i for i, h in enumerate(histories) if (h > 0).any()], np.int64)
@@ -502,12 +608,10 @@ class SequenceRecall(_SequenceStage):
             return candidates_table(table, np.zeros(0, np.int64), seq.ids.slice(0, 0), np.zeros(0, np.float32),
                                     self.source)
         with self._threads():
-            scores = seq.scores([histories[u] for u in users])
-            k = min(self.k, len(seq.ids))
-            top, cols = torch.topk(scores, k, dim=1)
+            top, cols = seq.top_k([histories[u] for u in users], min(self.k, len(seq.ids)))
         top, cols = top.cpu().numpy(), cols.cpu().numpy()
         found = np.isfinite(top)
-        qi = np.repeat(np.arange(len(users)), k).reshape(len(users), k)[found]
+        qi = np.repeat(np.arange(len(users)), top.shape[1]).reshape(top.shape)[found]
         return candidates_table(table, users[qi], seq.ids.take(pa.array(cols[found] - 1, pa.int64())),
                                 top[found].astype(np.float32), self.source)
 
@@ -538,11 +642,13 @@ class SequenceFeatures(_SequenceStage):
                  prefix: str = "seq", content: str | None = None, history_column: str = HISTORY,
                  dim: int = 64, layers: int = 2, heads: int = 2, max_len: int = 50, dropout: float = 0.2,
                  epochs: int = 30, batch_size: int = 256, lr: float = 0.002, negatives: int = 1024, patience: int = 3,
-                 valid_users: int = 1000, seed: int = 0, num_threads: int = 0, device: str = "auto"):
+                 valid_users: int = 1000, seed: int = 0, max_train_users: int | None = 1_000_000,
+                 num_threads: int = 0, device: str = "auto"):
         self.features = features
         self.prefix = prefix
         self._init_model_params(model, content, history_column, dim, layers, heads, max_len, dropout, epochs,
-                                batch_size, lr, negatives, patience, valid_users, seed, num_threads, device)
+                                batch_size, lr, negatives, patience, valid_users, seed, max_train_users,
+                                num_threads, device)
 
     def required_columns(self) -> pa.Schema:
         return pa.schema([pa.field(QUERY_ID, ANY), pa.field(ITEM_ID, ANY), pa.field(self.history_column, pa.list_(ANY))])
@@ -559,8 +665,6 @@ class SequenceFeatures(_SequenceStage):
             raise self._bad_param("prefix", "a non-empty string")
 
     def transform(self, table: pa.Table) -> pa.Table:
-        import torch
-
         seq: SequenceModel = self.model_
         n = table.num_rows
         out = {f: np.full(n, np.nan, np.float32) for f in SEQUENCE_FEATURES}
@@ -573,19 +677,7 @@ class SequenceFeatures(_SequenceStage):
             known = np.array([(h > 0).any() for h in histories])
             items = seq.rows(table.column(ITEM_ID))
             with self._threads():
-                scores = seq.scores(histories)
-                q = torch.as_tensor(qcodes, device=seq.device)
-                cand = scores[q, torch.as_tensor(items, device=seq.device)]
-                logp = (cand - torch.logsumexp(scores, dim=1)[q]).cpu().numpy()
-                cand = cand.cpu().numpy()
-                ranked = np.sort(scores.cpu().numpy(), axis=1)
-            # rank = 1 + items scored higher, from each user's sorted scores (no candidates x items matrix)
-            rank = np.zeros(n, np.float32)
-            order = np.argsort(qcodes, kind="stable")
-            bounds = np.searchsorted(qcodes[order], np.arange(len(first) + 1))
-            for u in range(len(first)):
-                rows = order[bounds[u]:bounds[u + 1]]
-                rank[rows] = ranked.shape[1] - np.searchsorted(ranked[u], cand[rows], side="right") + 1
+                cand, logp, rank = seq.candidate_scores(histories, qcodes, items)
             valid = known[qcodes] & (items > 0) & np.isfinite(cand)
             for name, values in (("score", cand), ("logp", logp), ("rank", rank)):
                 out[name] = np.where(valid, values, np.nan).astype(np.float32)

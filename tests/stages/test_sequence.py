@@ -104,7 +104,8 @@ def test_save_load_round_trip_without_pickle(trained):
     assert sorted(p.name for p in folder.iterdir()) == ["items.parquet", "manifest.json", "model.safetensors"]
     again = SequenceModel.load(folder)
     hist = [np.array([1, 4, 7])]
-    assert np.allclose(again.scores(hist).numpy(), recall.model_.scores(hist).numpy(), equal_nan=True)
+    for a, b in zip(again.top_k(hist, 10), recall.model_.top_k(hist, 10)):
+        assert np.allclose(a.numpy(), b.numpy())
     copy = root / "corrupt"
     copy.mkdir()
     for p in folder.iterdir():
@@ -114,6 +115,46 @@ def test_save_load_round_trip_without_pickle(trained):
     (copy / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="corrupted"):
         SequenceModel.load(copy)
+
+
+def test_scoring_in_blocks_gives_the_one_block_results(trained, monkeypatch):
+    """A catalogue too large for one block of SCORE_BLOCK scores is scored block by block: the same
+    top k, scores, log-probabilities and ranks as one matrix product (here 5 users x 41 columns in
+    blocks of 1, 2 and 7 columns)."""
+    import stages.sequence as sequence
+
+    root, logs, recall = trained
+    feats = SequenceFeatures(model="seq", content=None, **SMALL)
+    feats._base_dir = root
+    batch = users([(f"u{i}", logs.column("items")[i].as_py()[:-1]) for i in range(4)] + [("cold", ["zz"])])
+    cands = recall.clone(k=30)(batch)
+    want_recall, want_feats = recall(batch), feats(cands)
+    for block in (5, 10, 35):
+        monkeypatch.setattr(sequence, "SCORE_BLOCK", block)
+        got = recall(batch)
+        assert got.select(["query_id", "item_id", "rank"]).equals(want_recall.select(["query_id", "item_id", "rank"]))
+        assert np.allclose(got.column("score").to_numpy(), want_recall.column("score").to_numpy(), rtol=1e-5)
+        got = feats(cands)
+        for f in SEQUENCE_FEATURES:
+            assert np.allclose(got.column(f"f_seq_{f}").to_numpy(zero_copy_only=False),
+                               want_feats.column(f"f_seq_{f}").to_numpy(zero_copy_only=False), rtol=1e-5, equal_nan=True)
+
+
+def test_training_samples_users_and_stops_before_it_would_not_fit(tmp_path, monkeypatch):
+    from pipeline.build import MEMORY_ENV
+
+    logs = pattern_logs(n_users=200, unique_last=True)                             # one item per user
+    stage = built(SequenceRecall(model="seq", content=None, max_train_users=60, **{**SMALL, "epochs": 1}), tmp_path, logs)
+    training = json.loads((tmp_path / "seq" / "manifest.json").read_text())["training"]
+    assert training["train_users"] == 60                                           # a sample of the 200
+    assert len(pq.read_table(tmp_path / "seq" / "items.parquet")) == N_ITEMS + 200  # every logged item known
+    assert stage.clone(max_train_users=61).get_params()["max_train_users"] == 61
+    monkeypatch.setenv(MEMORY_ENV, "1KB")
+    with pytest.raises(ConfigError, match=r"stage 'recall.sequence': training on 60 users' histories .* "
+                                          r"lower 'max_train_users' \(now 60\)"):
+        SequenceRecall(model="seq2", content=None, max_train_users=60, **SMALL).build(None, ctx_for(tmp_path, logs))
+    with pytest.raises(ConfigError, match="'max_train_users' parameter"):
+        SequenceRecall(max_train_users=0).validate_params()
 
 
 def test_content_vectors_make_unlogged_items_known(tmp_path):
