@@ -55,7 +55,7 @@ TRAIN_PARAMS = ("dim", "layers", "heads", "max_len", "dropout", "epochs", "batch
 #: most scores held at once when users are scored against every item (floats, 64 MB): the
 #: (users x items) matrix is computed in blocks of columns at most this large, so a catalogue of
 #: millions of items is scored in bounded memory (a catalogue that fits in one block, as Beauty's
-#: 12,101 items for 256 users do, is scored in one matrix product)
+#: 12,101 items for 512 users do, is scored in one matrix product)
 SCORE_BLOCK = 1 << 24
 #: bytes per training user beyond its padded input and target rows (its array and list entry)
 BYTES_PER_USER = 160
@@ -228,10 +228,13 @@ def train_sequence_model(sequences: list[np.ndarray], n_items: int, content: np.
 
     best, best_epoch, best_state, history, waited = -1.0, 0, None, [], 0
     t0 = time.perf_counter()
-    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress)
-    for epoch in bar:
+    # one step per batch, so that logs of millions of users show progress within an epoch
+    steps = -(-len(train_seqs) // batch_size)
+    bar = tqdm(total=epochs * steps, desc=desc, unit="batch", disable=not progress)
+    for epoch in range(1, epochs + 1):
         model.train()
         total, count = 0.0, 0
+        bar.set_postfix(epoch=epoch, **({"valid_r10": f"{history[-1]['valid_recall@10']:.4f}"} if history else {}))
         for idx in batches():
             width = int(lengths[idx].max())
             idx = torch.as_tensor(idx)
@@ -255,9 +258,9 @@ def train_sequence_model(sequences: list[np.ndarray], n_items: int, content: np.
             with torch.no_grad():
                 model.item.weight[0].zero_()
             total, count = total + float(loss.detach()) * len(y), count + len(y)
+            bar.update()
         recall = valid_recall()
         history.append({"epoch": epoch, "loss": round(total / max(count, 1), 4), "valid_recall@10": round(recall, 4)})
-        bar.set_postfix(loss=f"{total / max(count, 1):.3f}", valid_r10=f"{recall:.4f}")
         if not recall <= best:  # NaN (no validation users): always keep the latest
             best, best_epoch, waited = recall, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -515,6 +518,9 @@ class _SequenceStage(Stage):
         check_fits(self.name, f"training on {len(logs)} users' histories (max_len {self.max_len}) over {len(ids)} items",
                    len(logs) * (self.max_len * 16 + BYTES_PER_USER) + len(ids) * (self.dim * 16 + content_dim * 8),
                    "max_train_users", self.max_train_users)
+        if not self.negatives or self.negatives >= len(ids):  # full softmax: logits and their gradient per batch
+            check_fits(self.name, f"a softmax over all {len(ids)} items for {self.batch_size} users x {self.max_len} "
+                       "positions", 3 * 4 * self.batch_size * self.max_len * len(ids), "negatives", self.negatives)
         flat = pc.list_flatten(logs)
         rows = lookup_positions(flat, ids) + 1
         lengths = pc.list_value_length(logs).to_numpy(zero_copy_only=False).astype(np.int64)

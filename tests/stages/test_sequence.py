@@ -153,6 +153,10 @@ def test_training_samples_users_and_stops_before_it_would_not_fit(tmp_path, monk
     with pytest.raises(ConfigError, match=r"stage 'recall.sequence': training on 60 users' histories .* "
                                           r"lower 'max_train_users' \(now 60\)"):
         SequenceRecall(model="seq2", content=None, max_train_users=60, **SMALL).build(None, ctx_for(tmp_path, logs))
+    monkeypatch.delenv(MEMORY_ENV)
+    monkeypatch.setattr("pipeline.build.available_memory", lambda: 1 << 20)      # the histories fit in 1 MB ...
+    with pytest.raises(ConfigError, match=r"a softmax over all 240 items .* lower 'negatives' \(now 0\)"):
+        SequenceRecall(model="seq2", content=None, max_train_users=60, **SMALL).build(None, ctx_for(tmp_path, logs))
     with pytest.raises(ConfigError, match="'max_train_users' parameter"):
         SequenceRecall(max_train_users=0).validate_params()
 
