@@ -59,6 +59,11 @@ TRAIN_PARAMS = ("dim", "layers", "heads", "max_len", "dropout", "epochs", "batch
 SCORE_BLOCK = 1 << 24
 #: bytes per training user beyond its padded input and target rows (its array and list entry)
 BYTES_PER_USER = 160
+#: from this many items on, the item table learns with sparse gradients (``SparseAdam`` on the
+#: rows a batch touches) when negatives are sampled: dense Adam updates every row at every step,
+#: 719 ms per step at 1,000,000 items against 106 sparse, while at Beauty's 12,101 items dense is
+#: the faster (88 against 103 ms; 2 cores, batches of 256 users x 19 positions, 1,024 negatives)
+SPARSE_ITEMS = 50_000
 
 
 def _sasrec_class():
@@ -175,7 +180,9 @@ def train_sequence_model(sequences: list[np.ndarray], n_items: int, content: np.
     ``0`` = the full softmax over every item). A seeded sample of up to ``valid_users`` users
     keeps its last item out of training; Recall@10 of that item (full ranking, history
     excluded) is measured after each epoch and training stops after ``patience`` epochs
-    without a gain, keeping the best epoch's weights. Returns ``(model, info)``.
+    without a gain, keeping the best epoch's weights. From :data:`SPARSE_ITEMS` items on (with
+    sampled negatives) the item table trains with sparse gradients, so a step costs what the
+    batch touches rather than the whole catalogue. Returns ``(model, info)``.
     """
     import torch
     import torch.nn.functional as F
@@ -201,7 +208,14 @@ def train_sequence_model(sequences: list[np.ndarray], n_items: int, content: np.
     if content is not None:
         with torch.no_grad():
             model.content_vectors[1:] = torch.as_tensor(content, dtype=torch.float32)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
+    sparse = bool(negatives) and negatives < n_items and n_items >= SPARSE_ITEMS
+    if sparse:
+        model.item.sparse = True
+        rest = [p for name, p in model.named_parameters() if name != "item.weight"]
+        opts = [torch.optim.SparseAdam([model.item.weight], lr=lr, betas=(0.9, 0.98)),
+                torch.optim.Adam(rest, lr=lr, betas=(0.9, 0.98))]
+    else:
+        opts = [torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))]
     inputs_t, targets_t = torch.as_tensor(inputs), torch.as_tensor(targets)
     lengths = np.minimum([len(s) - 1 for s in train_seqs], inputs.shape[1])
     gen = torch.Generator().manual_seed(seed)
@@ -252,9 +266,11 @@ def train_sequence_model(sequences: list[np.ndarray], n_items: int, content: np.
             else:
                 logits = hidden @ model.item_vectors()[1:].T
                 loss = F.cross_entropy(logits, y - 1)
-            opt.zero_grad()
+            for opt in opts:
+                opt.zero_grad()
             loss.backward()
-            opt.step()
+            for opt in opts:
+                opt.step()
             with torch.no_grad():
                 model.item.weight[0].zero_()
             total, count = total + float(loss.detach()) * len(y), count + len(y)
@@ -269,10 +285,11 @@ def train_sequence_model(sequences: list[np.ndarray], n_items: int, content: np.
             if waited >= patience:
                 break
     bar.close()
+    model.item.sparse = False
     model.load_state_dict(best_state)
     model.eval()
     info = {"epochs_run": len(history), "best_epoch": best_epoch, "valid_recall@10": None if math.isnan(best) else best,
-            "valid_users": len(valid_target), "train_users": len(train_seqs), "seconds": round(time.perf_counter() - t0, 1),
+            "valid_users": len(valid_target), "train_users": len(train_seqs), "sparse_item_gradients": sparse, "seconds": round(time.perf_counter() - t0, 1),
             "history": history}
     return model, info
 

@@ -161,6 +161,22 @@ def test_training_samples_users_and_stops_before_it_would_not_fit(tmp_path, monk
         SequenceRecall(max_train_users=0).validate_params()
 
 
+def test_large_catalogues_train_the_item_table_with_sparse_gradients(monkeypatch):
+    """From SPARSE_ITEMS items on (sampled negatives) the item table learns with SparseAdam: the
+    same next-item pattern is learnt (the 40-item pattern with the threshold lowered to 10)."""
+    import stages.sequence as sequence
+
+    monkeypatch.setattr(sequence, "SPARSE_ITEMS", 10)
+    rows = {f"i{i:02d}": i + 1 for i in range(N_ITEMS)}
+    seqs = [np.array([rows[i] for i in s]) for s in pattern_logs().column("items").to_pylist()]
+    params = {k: v for k, v in SMALL.items() if k not in ("num_threads", "device")}
+    model, info = sequence.train_sequence_model(seqs, N_ITEMS, None, **{**params, "negatives": 8}, progress=False)
+    assert info["sparse_item_gradients"] and not model.item.sparse
+    assert info["valid_recall@10"] >= 0.8
+    _, dense = sequence.train_sequence_model(seqs, N_ITEMS, None, **{**params, "negatives": 0}, progress=False)
+    assert not dense["sparse_item_gradients"]                                       # full softmax: dense
+
+
 def test_content_vectors_make_unlogged_items_known(tmp_path):
     from indexes.faiss_index import FaissIndex
 
