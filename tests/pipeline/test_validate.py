@@ -101,6 +101,30 @@ def test_vector_columns_dimension_nan_norms_and_missing(tmp_path):
     assert code == 4 and "vector_dimension_share" in out and "column 'image'" in out
 
 
+def test_vector_columns_are_read_a_batch_at_a_time(tmp_path, monkeypatch):
+    """A catalog's vector columns are never loaded whole: the frame of the other checks leaves them
+    out, and batches of 7 rows give the report one batch gives (nulls of a vector column included)."""
+    import numpy as np
+
+    import pipeline.validate as validate
+
+    rng = np.random.default_rng(1)
+    image = [list(v) for v in rng.normal(size=(30, 4))] + [None, [float("nan")] * 4, [0.0] * 4]
+    path = write(tmp_path / "items.parquet", pa.table({"item_id": list(range(33)), "title": ["t"] * 33,
+                                                       "image": pa.array(image, pa.list_(pa.float32()))}))
+    read = []
+    real_read = validate._read
+    monkeypatch.setattr(validate, "_read", lambda *a, **k: read.append(a[2]) or real_read(*a, **k))
+    whole = validate.validate_file(path)
+    assert read == [["item_id", "title"]] and whole.columns["image"] == "List(Float32)"
+    monkeypatch.setattr(validate, "VECTOR_BATCH_ROWS", 7)
+    batched = validate.validate_file(path)
+    assert batched.checks == whole.checks
+    assert batched.details["vectors"] == whole.details["vectors"]
+    assert checks(whole, "null_share")["image"].count == 1 and whole.details["null_share"]["image"] == 1 / 33
+    assert checks(whole, "non_finite_vector_share")["image"].count == 1
+
+
 def test_normalised_titles_drop_case_punctuation_sizes_and_colours():
     titles = pl.Series(["Cordless Drill, 12 in. - White", "cordless drill 18-in BLACK", "Cordless Drill (XL)",
                         "Cordless Saw 12 in."])
