@@ -720,12 +720,13 @@ def _vector_rows(dataset, column: str, dtype: pl.DataType) -> pl.DataFrame:
                                                                "norm": pl.Float64, "null": pl.Boolean})
 
 
-def _check_vectors(frame: pl.DataFrame, schema: pl.Schema, dataset, declared: tuple[str, ...], limits,
+def _check_vectors(frame: pl.DataFrame, empty: pl.DataFrame, dataset, declared: tuple[str, ...], limits,
                    checks: list[Check], details: dict) -> None:
-    """Vector columns of ``dataset`` (``schema``: every column; those not in ``frame`` are read a
-    batch at a time): dimension, NaN/inf, zero and odd norms, and nulls."""
+    """Vector columns of ``dataset`` (``empty``: no rows, every column; ``frame`` holds the others),
+    read a batch at a time: nulls, dimension, NaN/inf, zero and odd norms."""
+    schema = empty.schema
     stats = {}
-    for column in vector_columns_of(pl.DataFrame(schema=schema), declared):
+    for column in vector_columns_of(empty, declared):
         if column not in schema:
             checks.append(_value_check("missing_column", 1, limits, f"vector column '{column}' is declared but the "
                                        f"file has only: {', '.join(schema.names())}", column))
@@ -736,10 +737,9 @@ def _check_vectors(frame: pl.DataFrame, schema: pl.Schema, dataset, declared: tu
                                        f"floats (list<float32> or fixed_size_list<float32>[d]); found {dtype}", column))
             continue
         v = _vector_rows(dataset, column, dtype)
-        if column not in frame.columns:  # the null check _check_nulls gives the columns it read
-            nulls = int(v.get_column("null").sum())
-            checks.append(_share_check("null_share", nulls, frame.height, limits, "null", column))
-            details.setdefault("null_share", {})[column] = nulls / max(frame.height, 1)
+        nulls = int(v.get_column("null").sum())  # _check_nulls saw only the columns in frame
+        checks.append(_share_check("null_share", nulls, frame.height, limits, "null", column))
+        details.setdefault("null_share", {})[column] = nulls / max(frame.height, 1)
         present = v.filter(pl.col("dim").fill_null(0) > 0)
         n, m = frame.height, present.height
         checks.append(_share_check("missing_vector_share", n - m, n, limits, "items without a vector (null or empty)",
@@ -845,7 +845,7 @@ def validate_file(path: str | Path, kind: str = "auto", *, items: str | Path | N
         _check_units(frame, limits, checks, details)
         if kind == "catalog":
             _check_titles(frame, limits, checks, details)
-            _check_vectors(frame, empty.schema, dataset, tuple(vector_columns), limits, checks, details)
+            _check_vectors(frame, empty, dataset, tuple(vector_columns), limits, checks, details)
         elif kind == "judgments":
             _check_judgments(frame, limits, checks, details, relevant_threshold)
         elif kind == "sequences":

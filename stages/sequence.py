@@ -400,17 +400,17 @@ class SequenceModel:
         n = len(users)
         with torch.no_grad():
             user_vecs = self._user_vectors(hist)
-            blocks = _score_blocks(user_vecs, self.vectors, hist)
-            first = next(blocks)
-            if first[1].shape[1] == self.vectors.shape[0]:
-                blocks = [first]  # one block: kept for the second pass instead of computed again
-            else:
-                blocks = None
+            first = next(_score_blocks(user_vecs, self.vectors, hist))
+            single = first[1].shape[1] == self.vectors.shape[0]
+
+            def blocks():  # a catalogue in one block is scored once for both passes
+                return [first] if single else _score_blocks(user_vecs, self.vectors, hist)
+
             dev = user_vecs.device
             q, cols = torch.as_tensor(users, device=dev), torch.as_tensor(items, device=dev)
             score = torch.full((n,), float("nan"), device=dev)
             norms = []
-            for lo, block in blocks or _score_blocks(user_vecs, self.vectors, hist):
+            for lo, block in blocks():
                 inside = (cols >= lo) & (cols < lo + block.shape[1])
                 score[inside] = block[q[inside], cols[inside] - lo]
                 norms.append(torch.logsumexp(block, dim=1))
@@ -424,7 +424,7 @@ class SequenceModel:
             at_q, at_slot = torch.as_tensor(users[order], device=dev), torch.as_tensor(slot, device=dev)
             grid[at_q, at_slot] = score[torch.as_tensor(order, device=dev)]
             above = torch.zeros_like(grid)
-            for lo, block in blocks or _score_blocks(user_vecs, self.vectors, hist):
+            for lo, block in blocks():
                 # NumPy's sort is about 2x torch's on a CPU; torch's on a GPU
                 ranked = (torch.sort(block, dim=1).values if block.is_cuda
                           else torch.from_numpy(np.sort(block.numpy(), axis=1)))
