@@ -682,6 +682,17 @@ class FaissIndex:
         found = pc.index_in(item_ids, value_set=self.ids)
         return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
+    def stored_vectors(self) -> np.ndarray | None:
+        """Every stored vector, ``(ntotal, dim)`` float32, as a read-only view of a flat index's own
+        storage (no copy: a catalogue's vectors are held once); ``None`` for other index types,
+        whose vectors :meth:`vectors` reconstructs. The view lives as long as this object."""
+        flat = faiss.downcast_index(self._cpu_index)
+        if not isinstance(flat, faiss.IndexFlat) or self.ntotal == 0:
+            return None
+        view = faiss.rev_swig_ptr(flat.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
+        view.flags.writeable = False
+        return view
+
     def vectors(self, positions: np.ndarray) -> np.ndarray:
         """The stored vectors at ``positions``, ``(n, dim)`` float32; a row of zeros for -1.
 

@@ -24,6 +24,15 @@ from .sentence_transformers import DEFAULT_MODEL, PRECISIONS, SentenceTransforme
 __all__ = ["UserVectorRecall", "ItemVectors"]
 
 
+def _unit_rows(vectors: np.ndarray, chunk: int = 65_536, tol: float = 1e-4) -> bool:
+    """Whether every row has L2 norm 1 within ``tol`` (or is all zeros), checked a chunk at a time."""
+    for start in range(0, len(vectors), chunk):
+        norms = np.linalg.norm(vectors[start:start + chunk], axis=1)
+        if not np.all((np.abs(norms - 1) <= tol) | (norms == 0)):
+            return False
+    return True
+
+
 class ItemVectors:
     """The item embeddings of a FAISS index folder, L2-normalised, with an id -> row lookup.
 
@@ -31,12 +40,18 @@ class ItemVectors:
     recall and the history features share one artifact.
     """
 
-    def __init__(self, ids: pa.Array, vectors: np.ndarray):
+    def __init__(self, ids: pa.Array, vectors: np.ndarray, owner: object = None):
         self.ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
         self.vectors = vectors
+        self._owner = owner  # keeps the index alive whose storage ``vectors`` views
 
     @classmethod
     def from_index(cls, index: FaissIndex) -> "ItemVectors":
+        """A flat index whose vectors are already unit length is viewed in place (no second copy of
+        the catalogue in memory); any other is read back and normalised."""
+        stored = index.stored_vectors()
+        if stored is not None and _unit_rows(stored):
+            return cls(index.ids, stored, owner=index)
         vectors = np.ascontiguousarray(index.vectors(np.arange(index.ntotal)), np.float32)
         faiss.normalize_L2(vectors)
         return cls(index.ids, vectors)

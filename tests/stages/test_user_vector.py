@@ -60,6 +60,25 @@ def test_user_vector_is_the_recency_weighted_mean(folder):
     assert np.allclose([got[i] for i in best], [expected[i] for i in best], atol=1e-5)
 
 
+def test_item_vectors_view_a_normalised_flat_index_and_copy_the_rest():
+    """A flat index of unit vectors is read in place (no second copy of the catalogue, read-only);
+    unnormalised or non-flat indexes are read back and normalised, as before."""
+    from indexes.faiss_index import FaissIndex
+
+    x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    ids = pa.array([f"i{i}" for i in range(50)])
+    flat = FaissIndex.build(x, ids, factory="Flat", metric="ip", normalize=True)
+    viewed = ItemVectors.from_index(flat)
+    assert not viewed.vectors.flags.writeable and not viewed.vectors.flags.owndata
+    assert np.array_equal(viewed.vectors, flat.vectors(np.arange(50)))
+    expected = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for index in (FaissIndex.build(x, ids, factory="Flat", metric="ip", normalize=False),
+                  FaissIndex.build(x, ids, factory="HNSW8", metric="ip", normalize=True)):
+        copied = ItemVectors.from_index(index)
+        assert copied.vectors.flags.owndata and np.allclose(copied.vectors, expected, atol=1e-6)
+    assert np.allclose(viewed.vectors, expected, atol=1e-6)
+
+
 def test_recent_items_dominate_and_history_is_excluded(folder):
     out = recall(folder, k=3, recency=0.2)(users([("u", ["hair1", "nail1"]), ("v", ["nail1", "hair1"])]))
     by_user = {q: [r["item_id"] for r in out.to_pylist() if r["query_id"] == q] for q in ("u", "v")}
