@@ -195,6 +195,15 @@ def _as_matrix(x: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+class _Storage:
+    """A read-only ``float32`` array interface over memory that ``owner`` holds: the base of the
+    arrays :meth:`FaissIndex.stored_vectors` returns, so that they keep the index alive."""
+
+    def __init__(self, owner: object, address: int, shape: tuple[int, int]):
+        self.owner = owner
+        self.__array_interface__ = {"data": (address, True), "shape": shape, "typestr": "<f4", "version": 3}
+
+
 class FaissIndex:
     """Nearest-neighbour search over item embeddings, backed by a real FAISS index.
 
@@ -685,13 +694,12 @@ class FaissIndex:
     def stored_vectors(self) -> np.ndarray | None:
         """Every stored vector, ``(ntotal, dim)`` float32, as a read-only view of a flat index's own
         storage (no copy: a catalogue's vectors are held once); ``None`` for other index types,
-        whose vectors :meth:`vectors` reconstructs. The view lives as long as this object."""
+        whose vectors :meth:`vectors` reconstructs. The array keeps this index alive."""
         flat = faiss.downcast_index(self._cpu_index)
         if not isinstance(flat, faiss.IndexFlat) or self.ntotal == 0:
             return None
-        view = faiss.rev_swig_ptr(flat.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
-        view.flags.writeable = False
-        return view
+        address = faiss.rev_swig_ptr(flat.get_xb(), 1).__array_interface__["data"][0]
+        return np.asarray(_Storage(self, address, (self.ntotal, self.dim)))
 
     def vectors(self, positions: np.ndarray) -> np.ndarray:
         """The stored vectors at ``positions``, ``(n, dim)`` float32; a row of zeros for -1.

@@ -40,10 +40,9 @@ class ItemVectors:
     recall and the history features share one artifact.
     """
 
-    def __init__(self, ids: pa.Array, vectors: np.ndarray, owner: object = None):
+    def __init__(self, ids: pa.Array, vectors: np.ndarray):
         self.ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
         self.vectors = vectors
-        self._owner = owner  # keeps the index alive whose storage ``vectors`` views
 
     @classmethod
     def from_index(cls, index: FaissIndex) -> "ItemVectors":
@@ -51,7 +50,7 @@ class ItemVectors:
         the catalogue in memory); any other is read back and normalised."""
         stored = index.stored_vectors()
         if stored is not None and _unit_rows(stored):
-            return cls(index.ids, stored, owner=index)
+            return cls(index.ids, stored)
         vectors = np.ascontiguousarray(index.vectors(np.arange(index.ntotal)), np.float32)
         faiss.normalize_L2(vectors)
         return cls(index.ids, vectors)

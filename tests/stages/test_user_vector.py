@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -71,6 +73,9 @@ def test_item_vectors_view_a_normalised_flat_index_and_copy_the_rest():
     viewed = ItemVectors.from_index(flat)
     assert not viewed.vectors.flags.writeable and not viewed.vectors.flags.owndata
     assert np.array_equal(viewed.vectors, flat.vectors(np.arange(50)))
+    kept = FaissIndex.build(x, ids, factory="Flat", metric="ip", normalize=True).stored_vectors()
+    gc.collect()                                                                   # the view keeps its index
+    assert isinstance(kept.base.owner, FaissIndex) and np.array_equal(kept, viewed.vectors)
     expected = x / np.linalg.norm(x, axis=1, keepdims=True)
     for index in (FaissIndex.build(x, ids, factory="Flat", metric="ip", normalize=False),
                   FaissIndex.build(x, ids, factory="HNSW8", metric="ip", normalize=True)):
